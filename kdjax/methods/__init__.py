@@ -1,0 +1,172 @@
+"""Method registry: experiments pick distillation methods by name from config.
+
+A *method* turns ``(student_out, teacher_out, batch)`` into a scalar loss term, where
+``*_out = (logits, features)`` as returned by :mod:`kdjax.models` (``features`` is a
+dict of named arrays, channels-last). Methods with trainable adapters (FitNet
+regressors, VID heads, CRD embeddings, ...) create their parameters in ``init``; they
+live next to the student's parameters and are trained with them. Methods with
+non-trained state (a CRD/SEED negative queue) carry it in ``state``.
+
+A method config is an ``ml_collections.ConfigDict`` (or dict) with at least ``name`` and
+``weight``; the other keys are the method's own options (e.g. ``pairs``: a list of
+``[student_feature, teacher_feature]`` names, ``temperature``). Unknown option keys are
+an error that lists the valid ones.
+
+Each family registers its methods in its own module (``zoo``, ``kd2m``, ``coss``); this
+module holds the registry and the two basic methods, ``ce`` and ``kd``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+import jax
+
+from kdjax import losses
+
+__all__ = ["Method", "register", "get", "names", "build", "BuiltMethod"]
+
+_REGISTRY: dict[str, "Method"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered distillation method.
+
+    Attributes:
+      name: registry key.
+      loss: ``loss(params, state, student_out, teacher_out, batch, rng, **options)
+        -> (scalar, new_state)``. ``params`` are this method's adapter params (``{}``
+        when it has none); ``batch`` is a dict with ``"x"`` and, for supervised
+        methods, ``"y"``, and optionally ``"weights"`` (per-example sample weights,
+        which a method should honour when its math allows it).
+      init: optional ``init(rng, student_out, teacher_out, **options) -> (params,
+        state)`` creating adapter parameters and state from example outputs (shapes).
+      options: the option names and their defaults (the reference defaults).
+      default_weight: the reference weight of the loss term.
+      needs_labels: whether the loss reads ``batch["y"]``.
+      doc: one line for listings.
+    """
+
+    name: str
+    loss: Callable[..., Any]
+    init: Callable[..., Any] | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    default_weight: float = 1.0
+    needs_labels: bool = False
+    doc: str = ""
+
+
+def register(method: Method) -> Method:
+    """Adds ``method`` to the registry (a name can be registered once)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered.")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def names() -> list[str]:
+    """Sorted list of registered method names."""
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """Looks a method up by name; an unknown name lists the valid ones."""
+    _load_families()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltMethod:
+    """A method bound to its options and weight, ready for the training step."""
+
+    method: Method
+    weight: float
+    options: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def init(self, rng, student_out, teacher_out):
+        if self.method.init is None:
+            return {}, None
+        return self.method.init(rng, student_out, teacher_out, **self.options)
+
+    def __call__(self, params, state, student_out, teacher_out, batch, rng):
+        return self.method.loss(params, state, student_out, teacher_out, batch, rng,
+                                **self.options)
+
+
+def build(config: Mapping[str, Any]) -> BuiltMethod:
+    """Binds a method config ``{name, weight, **options}`` to a :class:`BuiltMethod`.
+
+    Missing options take the method's defaults; an unknown option key raises a
+    ``ValueError`` that lists the valid keys.
+    """
+    config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    if "name" not in config:
+        raise ValueError(f"a method config needs a 'name' key, got keys {sorted(config)}.")
+    method = get(config.pop("name"))
+    weight = float(config.pop("weight", method.default_weight))
+    unknown = sorted(set(config) - set(method.options))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {method.name!r}; "
+            f"valid options: {sorted(method.options)}."
+        )
+    options = {**method.options, **config}
+    return BuiltMethod(method=method, weight=weight, options=options)
+
+
+def stateless(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adapts ``fn(params, student_out, teacher_out, batch, **options) -> scalar``."""
+
+    def loss(params, state, student_out, teacher_out, batch, rng, **options):
+        del rng
+        return fn(params, student_out, teacher_out, batch, **options), state
+
+    loss.__doc__ = fn.__doc__
+    loss.__signature__ = inspect.signature(fn)
+    return loss
+
+
+# --- the two basic methods -------------------------------------------------------------
+
+def _ce(params, student_out, teacher_out, batch, label_smoothing):
+    del params, teacher_out
+    return losses.cross_entropy(student_out[0], batch["y"], weights=batch.get("weights"),
+                                label_smoothing=label_smoothing)
+
+
+def _kd(params, student_out, teacher_out, batch, temperature):
+    del params
+    return losses.kd(student_out[0], jax.lax.stop_gradient(teacher_out[0]), temperature,
+                     weights=batch.get("weights"))
+
+
+register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},
+                default_weight=1.0, needs_labels=True,
+                doc="cross-entropy with the labels (batch['weights'] as sample weights)"))
+register(Method("kd", stateless(_kd), options={"temperature": 4.0}, default_weight=0.9,
+                doc="Hinton KD, tau^2 KL(p_T || p_S)"))
+
+_FAMILIES = ("zoo", "kd2m", "coss")
+_loaded = False
+
+
+def _load_families() -> None:
+    """Imports the family modules (each registers its methods) once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for family in _FAMILIES:
+        importlib.import_module(f"kdjax.methods.{family}")

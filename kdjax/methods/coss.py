@@ -1,0 +1,1 @@
+"""Registry entries for the coss family (see kdjax.methods)."""

@@ -1,0 +1,1 @@
+"""Registry entries for the kd2m family (see kdjax.methods)."""

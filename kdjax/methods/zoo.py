@@ -1,0 +1,1 @@
+"""Registry entries for the zoo family (see kdjax.methods)."""
