@@ -1,0 +1,3 @@
+"""distribution distillation losses (see kdjax.losses)."""
+
+__all__: list[str] = []

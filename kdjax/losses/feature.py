@@ -1,0 +1,3 @@
+"""feature distillation losses (see kdjax.losses)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""relation distillation losses (see kdjax.losses)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""similarity distillation losses (see kdjax.losses)."""
+
+__all__: list[str] = []
