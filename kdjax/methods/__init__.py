@@ -48,6 +48,10 @@ class Method:
       default_weight: the reference weight of the loss term.
       needs_labels: whether the loss reads ``batch["y"]``.
       doc: one line for listings.
+      pretrain_loss: optional initialisation stage (FT paraphraser, AB, FSP in the
+        reference code): same signature as ``loss``; before distillation the engine
+        minimises it over this method's adapter params only, with the student frozen,
+        for ``options["pretrain_epochs"]`` epochs (the option must then exist).
     """
 
     name: str
@@ -57,6 +61,7 @@ class Method:
     default_weight: float = 1.0
     needs_labels: bool = False
     doc: str = ""
+    pretrain_loss: Callable[..., Any] | None = None
 
 
 def register(method: Method) -> Method:
