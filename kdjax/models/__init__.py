@@ -1,0 +1,60 @@
+"""Flax models that return ``(logits, features)``; :func:`create` builds one by name.
+
+Named architectures (``create(name, num_classes=...)``):
+
+=================  ==========================================================
+``mlp``            :class:`MLP` (``hidden`` option)
+``cnn1d``          :class:`CNN1D` (``channels``, ``kernel_size``, ``use_bn``)
+``cnn2d``          :class:`CNN2D` (``channels``, ``use_bn``)
+``resnet{d}``      CIFAR ResNet, depth ``d`` in 8, 14, 20, 32, 44, 56, 110
+``resnet{d}x4``    RepDistiller's 4x-wide variants (``resnet8x4``, ``resnet32x4``)
+``wrn_{d}_{k}``    Wide ResNet (``wrn_40_2``, ``wrn_16_2``, ...)
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import re
+
+from kdjax.models.capture import available_paths, with_features
+from kdjax.models.nets import CNN1D, CNN2D, MLP
+from kdjax.models.resnet import ResNet, WideResNet
+
+__all__ = ["MLP", "CNN1D", "CNN2D", "ResNet", "WideResNet", "create", "names",
+           "with_features", "available_paths"]
+
+_SIMPLE = {"mlp": MLP, "cnn1d": CNN1D, "cnn2d": CNN2D}
+
+
+def names() -> list[str]:
+    """Valid architecture names (patterns for the ResNet families)."""
+    return sorted(_SIMPLE) + ["resnet{6n+2}", "resnet{6n+2}x4", "wrn_{6n+4}_{k}"]
+
+
+def create(name: str, num_classes: int, **kwargs):
+    """Builds a model by name; unknown names or options raise ``ValueError``."""
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    try:
+        if name in _SIMPLE:
+            return _SIMPLE[name](num_classes=num_classes, **kwargs)
+        m = re.fullmatch(r"resnet(\d+)(x4)?", name)
+        if m:
+            depth = int(m.group(1))
+            if (depth - 2) % 6 or depth < 8:
+                raise ValueError(f"ResNet depth must be 6n+2 >= 8 (8, 14, 20, 32, ...), "
+                                 f"got {depth} in {name!r}.")
+            widths = (32, 64, 128, 256) if m.group(2) else (16, 16, 32, 64)
+            return ResNet(num_classes=num_classes, depth=int(m.group(1)),
+                          widths=kwargs.pop("widths", widths), **kwargs)
+        m = re.fullmatch(r"wrn_(\d+)_(\d+)", name)
+        if m:
+            depth = int(m.group(1))
+            if (depth - 4) % 6 or depth < 10:
+                raise ValueError(f"WideResNet depth must be 6n+4 >= 10 (10, 16, 28, 40, "
+                                 f"...), got {depth} in {name!r}.")
+            return WideResNet(num_classes=num_classes, depth=int(m.group(1)),
+                              widen=int(m.group(2)), **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad option for model {name!r}: {e}") from None
+    raise ValueError(f"unknown model {name!r}; valid models: {names()}.")

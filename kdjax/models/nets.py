@@ -1,0 +1,111 @@
+"""Small Flax (linen) networks that return ``(logits, features)``.
+
+Every model here is called as ``model.apply(variables, x, train=bool)`` and returns
+``(logits, features)`` where ``features`` is a dict of named, channels-last stage
+outputs plus ``"pooled"``, the embedding that feeds the classifier. Models with
+BatchNorm keep running statistics in the ``batch_stats`` collection and use them when
+``train=False`` (teachers always run with ``train=False``).
+
+Inputs are channels-last: ``(B, L, C)`` for 1-D signals (a ``(B, L)`` input is given a
+channel axis), ``(B, H, W, C)`` for images; the MLP flattens whatever it gets.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = ["MLP", "CNN1D", "CNN2D"]
+
+
+def _norm(use_bn: bool, train: bool, dtype):
+    if use_bn:
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
+    return lambda x: x
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron: ``Dense -> ReLU`` per hidden layer, then a classifier.
+
+    Features: ``"layer{i}"`` (post-activation, ``i`` from 1) and ``"pooled"`` (the last
+    hidden layer).
+    """
+
+    num_classes: int
+    hidden: Sequence[int] = (256, 256)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        features = {}
+        for i, width in enumerate(self.hidden, start=1):
+            h = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(h))
+            features[f"layer{i}"] = h
+        features["pooled"] = h
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h)
+        return logits, features
+
+
+class CNN1D(nn.Module):
+    """1-D CNN for MNIST-1D style signals ``(B, L)`` or ``(B, L, C)``.
+
+    Each stage: ``Conv(k) -> [BN] -> ReLU`` then, except the last, ``avg_pool(2)``.
+    The embedding is global average pooling over positions. Features ``"stage{i}"``
+    (``(B, L_i, C_i)``) and ``"pooled"`` (``(B, C_last)``).
+    """
+
+    num_classes: int
+    channels: Sequence[int] = (32, 64, 128)
+    kernel_size: int = 5
+    use_bn: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = x[..., None] if x.ndim == 2 else x
+        h = h.astype(self.dtype)
+        features = {}
+        for i, ch in enumerate(self.channels, start=1):
+            h = nn.Conv(ch, (self.kernel_size,), padding="SAME", use_bias=not self.use_bn,
+                        dtype=self.dtype, name=f"conv{i}")(h)
+            h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
+            features[f"stage{i}"] = h
+            if i < len(self.channels):
+                h = nn.avg_pool(h, (2,), strides=(2,))
+        pooled = jnp.mean(h, axis=1)
+        features["pooled"] = pooled
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+        return logits, features
+
+
+class CNN2D(nn.Module):
+    """Small 2-D CNN for digits/MNIST-size images ``(B, H, W, C)``.
+
+    Each stage: ``Conv3x3 -> [BN] -> ReLU`` and, except the last, ``avg_pool(2x2)``;
+    global average pooling gives ``"pooled"``. Features ``"stage{i}"`` ``(B, H_i, W_i,
+    C_i)`` and ``"pooled"``.
+    """
+
+    num_classes: int
+    channels: Sequence[int] = (32, 64)
+    use_bn: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = x.astype(self.dtype)
+        features = {}
+        for i, ch in enumerate(self.channels, start=1):
+            h = nn.Conv(ch, (3, 3), padding="SAME", use_bias=not self.use_bn,
+                        dtype=self.dtype, name=f"conv{i}")(h)
+            h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
+            features[f"stage{i}"] = h
+            if i < len(self.channels):
+                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        pooled = jnp.mean(h, axis=(1, 2))
+        features["pooled"] = pooled
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+        return logits, features
