@@ -1,0 +1,265 @@
+"""The generic distillation step, whole epochs on device, evaluation, and ``fit``.
+
+One step computes
+
+.. math::  \\mathcal{L} = \\sum_k w_k\\, \\mathcal{L}_k(s(x), \\mathrm{sg}[t(x)], \\text{batch})
+
+with ``s(x) = (logits, features)`` of the student in train mode, ``t(x)`` the teacher in
+eval mode under ``stop_gradient``, and the ``L_k`` the registered methods
+(:mod:`kdjax.methods`) with their weights. Adapter parameters of the methods live in
+``params["adapters"]`` next to ``params["student"]`` and are trained with them.
+
+Performance choices (see ``benchmarks/``): small datasets live on device; a whole epoch
+is one ``lax.scan`` over steps inside one jitted call (no host round trip per step);
+the batch of each step is gathered on device and constrained to
+``NamedSharding(mesh, P("data"))``, so the step is data-parallel over all devices with
+XLA's collectives (the *global*-batch semantics for batch-level losses); the state
+buffers are donated. Shapes are static: an epoch drops the last ``N mod B`` examples of
+a fresh random permutation (every example is used equally often in expectation), and
+evaluation pads with masked rows, so nothing recompiles across epochs.
+
+Determinism: the key of epoch ``e`` is ``fold_in(seed_key, e)``, so a run resumed from
+a checkpoint at epoch ``e`` replays exactly the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from kdjax.methods import BuiltMethod
+from kdjax.train import metrics as metrics_lib
+from kdjax.train.sharding import data_sharding, replicated
+
+__all__ = ["TrainState", "Distiller", "predict", "evaluate", "method_keys"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: checkpoint this and nothing is lost."""
+
+    epoch: jax.Array
+    step: jax.Array
+    params: Any          # {"student": ..., "adapters": {method_key: ...}}
+    batch_stats: Any     # student BatchNorm statistics ({} when none)
+    opt_state: Any
+    method_state: Any    # {method_key: state} (queues, ...)
+    seed_key: jax.Array  # raw uint32 PRNG key of the run
+
+
+def method_keys(methods: Sequence[BuiltMethod]) -> list[str]:
+    """Unique keys for the methods of a run (``fitnet``, ``fitnet_1``, ...)."""
+    keys, seen = [], {}
+    for m in methods:
+        n = seen.get(m.name, 0)
+        keys.append(m.name if n == 0 else f"{m.name}_{n}")
+        seen[m.name] = n + 1
+    return keys
+
+
+def _variables(params, batch_stats):
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Distiller:
+    """A student, an optional teacher, the loss terms and an optimiser.
+
+    Attributes:
+      student: a Flax module returning ``(logits, features)``.
+      methods: the loss terms (``kdjax.methods.build(cfg)`` for each).
+      tx: optax optimiser.
+      teacher: Flax module returning ``(logits, features)``, or None (CE-only runs).
+      augment: optional jittable ``augment(key, x) -> x`` applied per step; teacher and
+        student see the same augmented view ("consistent teaching").
+      compute_dtype: dtype of the inputs fed to the networks (``jnp.bfloat16`` for
+        bf16 compute; parameters stay float32 and losses are computed in float32).
+    """
+
+    student: nn.Module
+    methods: tuple[BuiltMethod, ...]
+    tx: optax.GradientTransformation
+    teacher: nn.Module | None = None
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    compute_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        needs_teacher = [m.name for m in self.methods if m.name != "ce"]
+        if needs_teacher and self.teacher is None:
+            raise ValueError(f"methods {needs_teacher} need a teacher, but teacher=None.")
+        if not self.methods:
+            raise ValueError("methods must name at least one loss term, got none.")
+
+    @property
+    def keys(self) -> list[str]:
+        return method_keys(self.methods)
+
+    # -- forward passes --------------------------------------------------------------
+    def _teacher_out(self, teacher_vars, x):
+        if self.teacher is None:
+            return None
+        out = self.teacher.apply(teacher_vars, x.astype(self.compute_dtype), train=False)
+        return jax.lax.stop_gradient(out)
+
+    def _student_out(self, params, batch_stats, x, train: bool):
+        vs = _variables(params["student"], batch_stats)
+        x = x.astype(self.compute_dtype)
+        if train and batch_stats:
+            out, upd = self.student.apply(vs, x, train=True, mutable=["batch_stats"])
+            return out, upd["batch_stats"]
+        return self.student.apply(vs, x, train=train), batch_stats
+
+    # -- initialisation --------------------------------------------------------------
+    def init(self, seed: int | jax.Array, example_x, teacher_vars=None) -> TrainState:
+        """Initial state from a seed and an example batch (shapes only matter)."""
+        key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        k_student, k_adapters = jax.random.split(jax.random.fold_in(key, 1))
+        x = jnp.asarray(example_x).astype(self.compute_dtype)
+        variables = self.student.init(k_student, x, train=False)
+        params = {"student": variables["params"], "adapters": {}}
+        batch_stats = variables.get("batch_stats", {})
+        s_out = self.student.apply(variables, x, train=False)
+        t_out = self._teacher_out(teacher_vars, x)
+        method_state = {}
+        for i, (k, m) in enumerate(zip(self.keys, self.methods)):
+            p, st = m.init(jax.random.fold_in(k_adapters, i), s_out, t_out)
+            params["adapters"][k] = p
+            method_state[k] = st
+        return TrainState(epoch=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32),
+                          params=params, batch_stats=batch_stats,
+                          opt_state=self.tx.init(params), method_state=method_state,
+                          seed_key=key)
+
+    # -- one step --------------------------------------------------------------------
+    def loss_fn(self, params, state: TrainState, teacher_vars, batch, rng):
+        """Total loss and aux (new BN stats, new method state, per-term values)."""
+        x = batch["x"]
+        if self.augment is not None:
+            x = self.augment(jax.random.fold_in(rng, 0), x)
+        s_out, new_bs = self._student_out(params, state.batch_stats, x, train=True)
+        s_out = (s_out[0].astype(jnp.float32), s_out[1])
+        t_out = self._teacher_out(teacher_vars, x)
+        if t_out is not None:
+            t_out = (t_out[0].astype(jnp.float32), t_out[1])
+        total = jnp.zeros((), jnp.float32)
+        terms, new_ms = {}, {}
+        for i, (k, m) in enumerate(zip(self.keys, self.methods)):
+            value, st = m(params["adapters"][k], state.method_state[k], s_out, t_out,
+                          batch, jax.random.fold_in(rng, i + 1))
+            terms[k] = value
+            new_ms[k] = st
+            total = total + m.weight * value
+        terms["total"] = total
+        return total, (new_bs, new_ms, terms)
+
+    def train_step(self, state: TrainState, teacher_vars, batch, rng):
+        """One optimiser step on ``batch`` (dict with ``x``, ``y``, optional weights)."""
+        grads, (new_bs, new_ms, terms) = jax.grad(self.loss_fn, has_aux=True)(
+            state.params, state, teacher_vars, batch, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                              opt_state=opt_state, method_state=new_ms)
+        return state, terms
+
+    # -- one epoch on device ---------------------------------------------------------
+    def epoch_fn(self, batch_size: int, mesh: Mesh | None = None):
+        """``epoch(state, teacher_vars, data) -> (state, mean terms)``, not yet jitted.
+
+        ``data`` is a dict of device arrays with equal leading dimension N (``x``, ``y``,
+        optional ``weights``, ``label_mask``...). Each epoch draws a permutation from
+        ``fold_in(seed_key, epoch)`` and runs ``N // batch_size`` steps in a
+        ``lax.scan``. Pure, so it can be ``vmap``-ed over seeds.
+        """
+        def epoch(state: TrainState, teacher_vars, data):
+            n = jax.tree_util.tree_leaves(data)[0].shape[0]
+            steps = n // batch_size
+            if steps == 0:
+                raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
+            key = jax.random.fold_in(state.seed_key, state.epoch)
+            perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
+            idx = perm[: steps * batch_size].reshape(steps, batch_size)
+
+            def body(st, inp):
+                i, rows = inp
+                batch = jax.tree_util.tree_map(lambda a: a[rows], data)
+                if mesh is not None:
+                    batch = jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
+                st, terms = self.train_step(st, teacher_vars, batch,
+                                            jax.random.fold_in(key, i + 1))
+                return st, terms
+
+            state, terms = jax.lax.scan(body, state, (jnp.arange(steps), idx))
+            return state.replace(epoch=state.epoch + 1), jax.tree_util.tree_map(
+                jnp.mean, terms)
+
+        return epoch
+
+    def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0):
+        """Jitted epoch with the state donated; ``num_seeds > 0`` vmaps over a leading
+        seed axis of the state (seeds as one program)."""
+        fn = self.epoch_fn(batch_size, mesh)
+        if num_seeds:
+            fn = jax.vmap(fn, in_axes=(0, None, None))
+        return jax.jit(fn, donate_argnums=(0,))
+
+    def student_apply(self, state: TrainState):
+        """``x -> (logits, features)`` of the student in eval mode."""
+        return lambda x: self._student_out(state.params, state.batch_stats, x, False)[0]
+
+
+def _pad_to(x: np.ndarray, multiple: int):
+    n = x.shape[0]
+    m = int(math.ceil(n / multiple) * multiple)
+    pad = [(0, m - n)] + [(0, 0)] * (x.ndim - 1)
+    return np.pad(x, pad)
+
+
+def predict(apply_fn: Callable, x: np.ndarray, batch_size: int = 512,
+            mesh: Mesh | None = None) -> np.ndarray:
+    """Logits of ``apply_fn(x_batch) -> (logits, features)`` over ``x``, batched.
+
+    The input is padded to a multiple of ``batch_size`` (padding rows are dropped from
+    the result). With a mesh, batches are sharded over ``"data"``.
+    """
+    n = x.shape[0]
+    if mesh is not None:
+        batch_size = int(math.ceil(batch_size / mesh.devices.size) * mesh.devices.size)
+    xp = _pad_to(np.asarray(x), batch_size).reshape(-1, batch_size, *x.shape[1:])
+
+    @jax.jit
+    def run(xs):
+        def body(_, xb):
+            if mesh is not None:
+                xb = jax.lax.with_sharding_constraint(xb, data_sharding(mesh))
+            return None, apply_fn(xb)[0].astype(jnp.float32)
+        return jax.lax.scan(body, None, xs)[1]
+
+    out = np.asarray(run(xp))
+    return out.reshape(-1, out.shape[-1])[:n]
+
+
+def evaluate(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None,
+             groups: np.ndarray | None = None, num_groups: int = 0) -> dict[str, float]:
+    """Accuracy, loss, ECE (+ agreement and KL to the teacher, worst-group accuracy)."""
+    stats = metrics_lib.batch_stats(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.ones(len(labels)),
+        None if teacher_logits is None else jnp.asarray(teacher_logits),
+        group=None if groups is None else jnp.asarray(groups), num_groups=num_groups)
+    return metrics_lib.finalize(stats)
+
+
+def replicate(tree, mesh: Mesh | None):
+    """Places a pytree replicated on the mesh (no-op without a mesh)."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, replicated(mesh))
