@@ -137,13 +137,20 @@ def _records_to_arrays(records: Sequence[dict], keys: Sequence[str]) -> dict[str
     return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
 
 
-def _read_source(source, chunk: int = 4096) -> list[dict]:
-    n = len(source)
+def _read_source(source, n: int | None = None, chunk: int = 4096) -> list[dict]:
+    """The first ``n`` (default all) records of a TFDS data source, read in chunks.
+
+    Uses the batched ``__getitems__`` where it works; ``tfds.testing.mock_data``'s
+    patched sources fail on it (TypeError), and are read one record at a time.
+    """
+    n = len(source) if n is None else min(len(source), int(n))
     out: list[dict] = []
-    getitems = getattr(source, "__getitems__", None)
     for start in range(0, n, chunk):
         idx = list(range(start, min(n, start + chunk)))
-        out.extend(getitems(idx) if getitems else [source[i] for i in idx])
+        try:
+            out.extend(source.__getitems__(idx))
+        except (AttributeError, TypeError):
+            out.extend(source[i] for i in idx)
     return out
 
 
@@ -157,7 +164,9 @@ def _load_embedded_raw(name: str, split: str, data_dir, config, overrides) -> Ar
                                     **overrides)
     check_choice(split, "split", ("train", "test"))
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        # mnist1d seeds NumPy's and Python's global RNGs, and TFDS draws from Python's
+        # `random` (temporary directory names): keep the caller's streams unchanged.
+        builders._with_global_rng_restored(builder.download_and_prepare)
     source = builder.as_data_source(split)
     arrays = _records_to_arrays(_read_source(source), ("x", "label", "index"))
     order = np.argsort(arrays["index"], kind="stable")  # back to generation order
@@ -241,12 +250,7 @@ def _load_catalog_raw(name: str, split: str, data_dir, kwargs) -> ArrayDataset:
     image_size = kwargs.pop("image_size", None)
     max_examples = kwargs.pop("max_examples", None)
     source = tfds.data_source(name, split=split, data_dir=data_dir, **kwargs)
-    n = len(source) if max_examples is None else min(len(source), int(max_examples))
-    getitems = getattr(source, "__getitems__", None)
-    records = []
-    for start in range(0, n, 4096):
-        idx = list(range(start, min(n, start + 4096)))
-        records.extend(getitems(idx) if getitems else [source[i] for i in idx])
+    records = _read_source(source, max_examples)
     images = _to_float_images(np.stack([np.asarray(r["image"]) for r in records]))
     if image_size is not None:
         images = _resize(images, tuple(image_size))

@@ -19,7 +19,8 @@ Two kinds of shift (OoD-Bench taxonomy, Ye et al. 2022):
 * ``test_in``: held-out test data of the training domains/environments;
 * ``test_target``: the target domain / test environment.
 
-Every split carries ``extras["domain"]`` (index into ``info["domains"]``),
+Every split carries ``extras["base_index"]`` (row of the source dataset split the example
+was made from), ``extras["domain"]`` (index into ``info["domains"]``),
 ``extras["env"]`` and ``extras["group"]`` (diversity: the domain; correlation: ``2 * label
 + spurious attribute``), plus construction specific extras; ``info`` records the
 construction parameters and the normalisation statistics (per-channel mean/std of the
@@ -88,7 +89,12 @@ def _holdout(y: np.ndarray, fraction: float, seed) -> np.ndarray:
 
     idx = np.arange(len(y))
     counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
+    present = counts[counts > 0]
+    n_held = int(np.ceil(fraction * len(y)))
+    # sklearn needs >= 2 examples per class and one held-out example per class; tiny
+    # inputs (mock data) fall back to an unstratified split.
+    ok = present.min() >= 2 and min(n_held, len(y) - n_held) >= len(present)
+    stratify = y if ok else None
     _, held = train_test_split(idx, test_size=fraction, stratify=stratify,
                                random_state=np.random.default_rng(seed).integers(2**31))
     mask = np.zeros(len(y), bool)
@@ -163,7 +169,10 @@ def _domains_shift(name: str, data: dict[str, tuple[ArrayDataset, ArrayDataset]]
 
 
 def _strip(ds: ArrayDataset) -> ArrayDataset:
-    return dataclasses.replace(ds, extras={}, info={})
+    """Drops info and extras but keeps the source row as ``extras["base_index"]``."""
+    base = ds.extras.get("index", np.arange(len(ds)))
+    return dataclasses.replace(ds, extras={"base_index": np.asarray(base, np.int64)},
+                               info={})
 
 
 def _mnist1d_domains(*, target, seed, data_dir, val_fraction, num_train=None,
@@ -374,7 +383,9 @@ def _correlation_envs(shift: str, train: ArrayDataset, test: ArrayDataset, *,
                                 "domain": np.full(len(y), env, np.int32),
                                 "group": (2 * y + attr).astype(np.int32),
                                 attr_name: attr, "label_clean": clean,
-                                "digit": digit.astype(np.int32)})
+                                "digit": digit.astype(np.int32),
+                                "base_index": np.concatenate(
+                                    [base.extras["base_index"]] * replicas)})
 
     for e, prob in enumerate(env_probs):
         base = train.subset(np.flatnonzero(env_of == e))
