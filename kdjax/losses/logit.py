@@ -244,9 +244,13 @@ def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Arr
 def _pearson_rows(a, b, eps):
     a = a - jnp.mean(a, axis=-1, keepdims=True)
     b = b - jnp.mean(b, axis=-1, keepdims=True)
-    na = jnp.sqrt(jnp.sum(a * a, axis=-1))
-    nb = jnp.sqrt(jnp.sum(b * b, axis=-1))
-    return jnp.sum(a * b, axis=-1) / (na * nb + eps)
+    return jnp.sum(a * b, axis=-1) / (_safe_norm(a) * _safe_norm(b) + eps)
+
+
+def _safe_norm(x):
+    """``||x||_2`` over the last axis with a zero (not NaN) gradient at ``x = 0``."""
+    sq = jnp.sum(x * x, axis=-1)
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
 def dist(student_logits: chex.Array, teacher_logits: chex.Array,
