@@ -298,6 +298,24 @@ def per_group(loss_fn: Callable[..., chex.Array],
 
 # --- SEED ------------------------------------------------------------------------------
 
+def _replicated(x):
+    """All-gathers ``x`` if it is sharded over an *explicit* mesh axis.
+
+    With explicit sharding (``jax.make_mesh``'s default, used under ``jax.set_mesh``)
+    a scatter of batch-sharded rows into a replicated queue is ambiguous and JAX asks
+    for the output sharding; the queue is replicated, so gather the rows first. Auto
+    meshes (``Mesh(devices, ("data",))``) need nothing: XLA inserts the collective.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not any(t == jax.sharding.AxisType.Explicit
+                               for t in getattr(mesh, "axis_types", ())):
+        return x
+    if all(a is None for a in sharding.spec):
+        return x
+    return jax.reshard(x, P())
+
+
 def seed_queue_init(key: chex.PRNGKey, size: int = 65536, dim: int = 128
                     ) -> tuple[chex.Array, chex.Array]:
     """A SEED/MoCo instance queue: ``size`` random unit rows ``[size, dim]`` and ptr 0.
@@ -320,7 +338,8 @@ def seed_queue_update(queue: chex.Array, ptr: chex.Array, teacher_emb: chex.Arra
     (modulo the queue size: the write wraps around, so unlike MoCo/SEED the size need
     not be a multiple of the batch) and ``ptr`` advances by the batch size mod the
     size. Under ``jit`` over a sharded batch the global batch is enqueued, as SEED's
-    ``concat_all_gather``. The teacher rows are stop-gradient-ed.
+    ``concat_all_gather`` (on an explicit-sharding mesh, run under ``jax.set_mesh``).
+    The teacher rows are stop-gradient-ed.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -343,6 +362,7 @@ def seed_queue_update(queue: chex.Array, ptr: chex.Array, teacher_emb: chex.Arra
     if b > size:
         raise ValueError(f"teacher_emb batch ({b}) must be <= the queue size ({size}).")
     keys = jax.lax.stop_gradient(_normalize(teacher_emb.astype(jnp.float32), 1, eps))
+    keys = _replicated(keys)
     ptr = jnp.asarray(ptr, jnp.int32)
     rows = (ptr + jnp.arange(b, dtype=jnp.int32)) % size
     new_queue = queue.at[rows].set(keys.astype(queue.dtype))

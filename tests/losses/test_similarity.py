@@ -259,3 +259,26 @@ def test_bad_inputs():
         sim.per_device(sim.coss, mesh)(s[:4], t[:4])
     with pytest.raises(ValueError, match="size must be a positive int"):
         sim.seed_queue_init(jax.random.PRNGKey(0), 0, 4)
+
+
+def test_seed_global_batch_on_8_devices(n_devices):
+    # Under jit over a batch sharded on 8 devices, SEED's loss and queue update see the
+    # global batch (SEED's concat_all_gather), exactly as on one device.
+    s, t = _pair(12, b=16, d=4)
+    queue, ptr = sim.seed_queue_init(jax.random.PRNGKey(1), 24, 4)
+
+    def step(a, b, q, p):
+        return sim.seed(a, b, q, 0.1, 0.2), sim.seed_queue_update(q, p, b)
+
+    auto = jax.make_mesh((n_devices,), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    explicit = jax.make_mesh((n_devices,), ("data",))
+    for mesh in (auto, explicit):
+        with jax.set_mesh(mesh):
+            sharding = NamedSharding(mesh, P("data"))
+            loss8, (q8, p8) = jax.jit(step)(jax.device_put(s, sharding),
+                                            jax.device_put(t, sharding), queue, ptr)
+        np.testing.assert_allclose(loss8, np_seed(s, t, queue, 0.1, 0.2).mean(), rtol=1e-4)
+        np.testing.assert_allclose(q8[:16], _np_unit(t, 1), rtol=1e-5)
+        np.testing.assert_array_equal(q8[16:], queue[16:])
+        assert int(p8) == 16
