@@ -82,7 +82,9 @@ def _knn_votes(train, labels, test, temperature, num_classes: int, k: int,
 
     def block(q):
         sims = jnp.dot(q, train.T, precision=jax.lax.Precision.HIGHEST)
-        top, idx = jax.lax.top_k(sims, k)
+        # The barrier stops XLA:CPU fusing the elementwise weights into top_k, which made
+        # k-NN ~20x slower (8000 train x 2000 test x 128-d on CPU: 8.2 s -> 0.4 s warm).
+        top, idx = jax.lax.optimization_barrier(jax.lax.top_k(sims, k))
         w = jnp.exp((top - top[:, :1]) / temperature)  # exp(sim/T) / exp(max sim/T)
         onehot = jax.nn.one_hot(labels[idx], num_classes, dtype=jnp.float32)
         return jnp.einsum("bk,bkc->bc", w, onehot)
