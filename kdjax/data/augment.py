@@ -18,6 +18,8 @@ per example from ``key`` only, so the same key gives the same output.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -72,6 +74,7 @@ def random_flip(key: jax.Array, x: jax.Array, p: float = 0.5) -> jax.Array:
     return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
 def _pad_and_crop(key, x, pads: tuple[int, ...]):
     """Zero-pads each spatial axis i by pads[i] on both sides, crops a random window."""
     spatial = x.shape[1:-1]
@@ -133,6 +136,11 @@ def mixup(key: jax.Array, x: jax.Array, y: jax.Array, alpha: float = 0.2):
         raise ValueError(f"x and y must have the same batch size, got {x.shape} and "
                          f"{y.shape}.")
     check_positive(alpha, "alpha")
+    return _mixup(key, x, y, jnp.asarray(alpha, jnp.float32))
+
+
+@jax.jit
+def _mixup(key, x, y, alpha):
     k_lam, k_perm = jax.random.split(key)
     lam = jax.random.beta(k_lam, alpha, alpha).astype(x.dtype)
     perm = jax.random.permutation(k_perm, x.shape[0])
@@ -156,6 +164,11 @@ def cutmix(key: jax.Array, x: jax.Array, y: jax.Array, alpha: float = 1.0):
         raise ValueError(f"x and y must have the same batch size, got {x.shape} and "
                          f"{y.shape}.")
     check_positive(alpha, "alpha")
+    return _cutmix(key, x, y, jnp.asarray(alpha, jnp.float32))
+
+
+@jax.jit
+def _cutmix(key, x, y, alpha):
     k_lam, k_perm, k_cy, k_cx = jax.random.split(key, 4)
     _, h, w, _ = x.shape
     lam = jax.random.beta(k_lam, alpha, alpha)
@@ -245,7 +258,12 @@ def rand_augment(key: jax.Array, x: jax.Array, num_ops: int = 2,
     check_float_array(x, "x", ndim=(3, 4))
     _check_int(num_ops, "num_ops")
     check_in_range(magnitude, "magnitude", 0.0, 1.0)
-    ops = _rand_augment_ops(x.ndim, float(magnitude))
+    return _rand_augment(key, x, num_ops, float(magnitude))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rand_augment(key, x, num_ops, magnitude):
+    ops = _rand_augment_ops(x.ndim, magnitude)
 
     def one(k, xi):
         for k_op in jax.random.split(k, num_ops):
@@ -301,6 +319,19 @@ AUGMENTATIONS = {
 }
 
 
+def _options(fn, skip=("key", "x", "y")):
+    return tuple(p for p in inspect.signature(fn).parameters if p not in skip)
+
+
+_OPTIONS = {
+    "none": (), "flip": _options(random_flip), "crop": _options(random_crop),
+    "crop_flip": ("padding",), "shift": _options(random_shift),
+    "gaussian_noise": _options(gaussian_noise), "shift_noise": ("max_shift", "std"),
+    "randaugment": _options(rand_augment), "mixup": _options(mixup),
+    "cutmix": _options(cutmix),
+}
+
+
 def get_augmentation(name: str, **kwargs) -> Callable[[jax.Array, dict], dict]:
     """The augmentation ``name`` as ``fn(key, batch) -> batch`` on batch dicts.
 
@@ -316,8 +347,9 @@ def get_augmentation(name: str, **kwargs) -> Callable[[jax.Array, dict], dict]:
     (any); ``cutmix`` (images).
     """
     check_choice(name, "name", AUGMENTATIONS)
-    try:
-        return AUGMENTATIONS[name](**kwargs)
-    except TypeError as err:
-        raise TypeError(f"invalid options {sorted(kwargs)} for augmentation {name!r}: "
-                        f"{err}") from err
+    valid = set(_OPTIONS[name])
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(f"invalid options {unknown} for augmentation {name!r}; valid "
+                        f"options are {sorted(valid)}.")
+    return AUGMENTATIONS[name](**kwargs)
