@@ -120,3 +120,53 @@ def test_bad_configs():
             jax.random.PRNGKey(0), s_out, t_out)
     with pytest.raises(ValueError, match="unknown option"):
         methods.build({"name": "coss", "temperature": 4.0})
+
+
+@pytest.mark.slow
+def test_coss_distillation_transfers_teacher_neighbourhoods():
+    """End to end, no labels: a linear student distilled with CoSS on neighbour batches
+    inherits the teacher's class structure (k-NN accuracy far above its random init)."""
+    import optax
+
+    from kdjax.data.neighbors import knn_graph, neighbor_batches
+    from kdjax.probes import knn_accuracy
+
+    rng = np.random.default_rng(0)
+    n, d_in, c = 1200, 20, 4
+    y = rng.integers(0, c, size=n)
+    means = rng.normal(size=(c, 3)) * 3.0
+    latent = means[y] + rng.normal(size=(n, 3))
+    x = np.concatenate([latent, 3.0 * rng.normal(size=(n, d_in - 3))], 1).astype(np.float32)
+    teacher = np.concatenate([latent, 0.1 * rng.normal(size=(n, 13))], 1).astype(np.float32)
+
+    m = methods.build({"name": "coss", "hidden_dim": 32})
+    w0 = jnp.asarray(rng.normal(size=(d_in, 8)) / np.sqrt(d_in), jnp.float32)
+    out = lambda w, xb: (jnp.zeros((xb.shape[0], 1)), {"pooled": xb @ w})
+    t_out = lambda ib: (jnp.zeros((ib.shape[0], 1)), {"pooled": jnp.asarray(teacher)[ib]})
+    params, state = m.init(jax.random.PRNGKey(0), out(w0, x[:4]), t_out(jnp.arange(4)))
+    theta = {"w": w0, "head": params}
+    tx = optax.adam(1e-3)
+    opt = tx.init(theta)
+
+    @jax.jit
+    def step(theta, opt, ib):
+        def loss(th):
+            return m(th["head"], state, out(th["w"], jnp.asarray(x)[ib]), t_out(ib), {},
+                     jax.random.PRNGKey(0))[0]
+        val, g = jax.value_and_grad(loss)(theta)
+        upd, opt = tx.update(g, opt, theta)
+        return optax.apply_updates(theta, upd), opt, val
+
+    nbrs, _ = knn_graph(teacher, 7)
+    before = knn_accuracy(x[:1000] @ w0, y[:1000], x[1000:] @ w0, y[1000:])
+    first = last = None
+    for epoch in range(15):
+        for ib in neighbor_batches(epoch, nbrs, 64, num_sampled=3, num_candidates=7):
+            theta, opt, val = step(theta, opt, ib)
+            first = float(val) if first is None else first
+            last = float(val)
+    f = x @ np.asarray(theta["w"])
+    after = knn_accuracy(f[:1000], y[:1000], f[1000:], y[1000:])
+    print(f"coss e2e: loss {first:.1f} -> {last:.1f}, k-NN acc {before:.3f} -> {after:.3f}")
+    assert last < first
+    assert after > 0.85 and after > before + 0.2, (before, after)
