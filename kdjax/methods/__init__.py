@@ -23,6 +23,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from kdjax import losses
 
@@ -144,9 +145,16 @@ def stateless(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --- the two basic methods -------------------------------------------------------------
 
 def _ce(params, student_out, teacher_out, batch, label_smoothing):
+    """CE on the labels. With ``batch["label_mask"]`` (1 = labelled), the mean is over
+    the labelled rows of the batch only (0 when none), so a semi-supervised batch's CE
+    has the scale of a fully labelled one."""
     del params, teacher_out
-    return losses.cross_entropy(student_out[0], batch["y"], weights=batch.get("weights"),
-                                label_smoothing=label_smoothing)
+    per_example = losses.cross_entropy(student_out[0], batch["y"], weights=batch.get("weights"),
+                                       label_smoothing=label_smoothing, reduction="none")
+    if "label_mask" not in batch:
+        return per_example.mean()
+    mask = batch["label_mask"].astype(per_example.dtype)
+    return (per_example * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def _kd(params, student_out, teacher_out, batch, temperature):

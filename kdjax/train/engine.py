@@ -83,6 +83,10 @@ class Distiller:
         student see the same augmented view ("consistent teaching").
       compute_dtype: dtype of the inputs fed to the networks (``jnp.bfloat16`` for
         bf16 compute; parameters stay float32 and losses are computed in float32).
+      teacher_from_batch: read the teacher's outputs from the batch
+        (``batch["teacher_logits"]``, optional ``batch["teacher_features"]`` dict)
+        instead of running the teacher each step. Valid when the teacher's input is
+        deterministic (no augmentation): compute them once with :func:`predict`.
     """
 
     student: nn.Module
@@ -91,10 +95,15 @@ class Distiller:
     teacher: nn.Module | None = None
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     compute_dtype: Any = jnp.float32
+    teacher_from_batch: bool = False
 
     def __post_init__(self):
+        if self.teacher_from_batch and self.augment is not None:
+            raise ValueError("teacher_from_batch=True needs a deterministic teacher input, "
+                             "but augment is set; precomputed teacher outputs would not "
+                             "match the augmented views.")
         needs_teacher = [m.name for m in self.methods if m.name != "ce"]
-        if needs_teacher and self.teacher is None:
+        if needs_teacher and self.teacher is None and not self.teacher_from_batch:
             raise ValueError(f"methods {needs_teacher} need a teacher, but teacher=None.")
         if not self.methods:
             raise ValueError("methods must name at least one loss term, got none.")
@@ -147,7 +156,10 @@ class Distiller:
             x = self.augment(jax.random.fold_in(rng, 0), x)
         s_out, new_bs = self._student_out(params, state.batch_stats, x, train=True)
         s_out = (s_out[0].astype(jnp.float32), s_out[1])
-        t_out = self._teacher_out(teacher_vars, x)
+        if self.teacher_from_batch:
+            t_out = (batch["teacher_logits"], batch.get("teacher_features", {}))
+        else:
+            t_out = self._teacher_out(teacher_vars, x)
         if t_out is not None:
             t_out = (t_out[0].astype(jnp.float32), t_out[1])
         total = jnp.zeros((), jnp.float32)

@@ -1,0 +1,73 @@
+"""Config of ``experiments/distill.py``: teacher -> students (CE-only vs KD, ...).
+
+Default setting (why it is informative): the teacher is trained on the full MNIST-1D
+training set; each student sees the labels of only ``labelled`` examples, while the
+teacher's soft labels are available on every training input. CE-only students can use
+the labelled subset only; KD students distil on all inputs (CE on the labelled ones).
+Both get the same number of optimiser steps. Model selection uses a held-out
+validation split of the training set (never the test split).
+
+Override from the command line: ``python -m experiments.distill --config.seeds=5
+--config.student.epochs=60 --config.dataset.name=digits``.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.out_dir = "runs/distill"
+    c.cache_dir = "runs/cache"
+    c.seeds = 3
+    c.vmap_seeds = True            # all seeds of a run as one vmapped program
+    c.num_devices = 0              # 0 = all local devices
+    c.progress = True
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "mnist1d"     # or "digits", or a TFDS catalog name
+    c.dataset.config = ""          # embedded builder config ("" = default)
+    c.dataset.data_dir = ""        # "" = $KDJAX_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.val_size = 1000      # held out of train for model selection
+    c.labelled = 500               # labelled examples the students see (0 = all)
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.model = "cnn1d"
+    c.teacher.model_kwargs = ml_collections.ConfigDict({"channels": (32, 64, 128)})
+    c.teacher.epochs = 30
+    c.teacher.batch_size = 128
+    c.teacher.seed = 0
+    c.teacher.optimizer = ml_collections.ConfigDict(
+        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+
+    c.student = ml_collections.ConfigDict()
+    c.student.model = "cnn1d"
+    c.student.model_kwargs = ml_collections.ConfigDict({"channels": (16, 32)})
+    c.student.epochs = 20          # epochs over the full (distillation) set
+    c.student.batch_size = 128
+    c.student.optimizer = ml_collections.ConfigDict(
+        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+
+    # Each run: a name and its loss terms (method configs, see kdjax.methods).
+    c.runs = [
+        {"name": "ce", "methods": [{"name": "ce", "weight": 1.0}]},
+        {"name": "kd", "methods": [{"name": "ce", "weight": 0.1},
+                                   {"name": "kd", "weight": 0.9, "temperature": 4.0}]},
+    ]
+    return c
+
+
+def validate(c):
+    """Value checks with messages naming the key."""
+    if c.seeds < 1:
+        raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
+    if c.labelled < 0:
+        raise ValueError(f"config.labelled must be >= 0, got {c.labelled}.")
+    for part in ("teacher", "student"):
+        for k in ("epochs", "batch_size"):
+            if c[part][k] < 1:
+                raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")
+    if not c.runs:
+        raise ValueError("config.runs must name at least one run.")
+    for r in c.runs:
+        if "name" not in r or "methods" not in r:
+            raise ValueError(f"each entry of config.runs needs 'name' and 'methods', got {r}.")

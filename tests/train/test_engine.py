@@ -1,0 +1,217 @@
+"""Training engine: 1 vs 8 devices, vmapped seeds, no recompilation, checkpoints, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import methods, models
+from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer
+
+
+def _data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 40, 1)).astype(np.float32)
+    y = (x[:, :10, 0].sum(1) > 0).astype(np.int32) + 2 * (x[:, 10:20, 0].sum(1) > 0)
+    return {"x": x, "y": y.astype(np.int32)}
+
+
+def _teacher_vars(teacher, x):
+    return teacher.init(jax.random.PRNGKey(42), x[:2])
+
+
+def _distiller(teacher=True, lr=1e-2):
+    student = models.create("cnn1d", 4, channels=(8, 8))
+    t = models.create("mlp", 4, hidden=(16,)) if teacher else None
+    ms = [methods.build({"name": "ce", "weight": 0.5})]
+    if teacher:
+        ms.append(methods.build({"name": "kd", "weight": 0.5}))
+    tx = make_optimizer({"name": "sgd", "learning_rate": lr, "schedule": "cosine"},
+                        total_steps=100, steps_per_epoch=8)
+    return Distiller(student, tuple(ms), tx, teacher=t)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a, np.float64))
+                           for a in jax.tree_util.tree_leaves(tree)])
+
+
+def test_eight_devices_equal_one_device(n_devices):
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    out = {}
+    for n in (1, 8):
+        mesh = make_mesh(n)
+        state = d.init(0, data["x"][:2], tv)
+        state, _, hist = fit(d, state, tv, data, epochs=3, batch_size=32, mesh=mesh,
+                             eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])},
+                             progress=False)
+        out[n] = (_flat(state.params), [h["train"]["total"] for h in hist])
+    np.testing.assert_allclose(out[8][0], out[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[8][1], out[1][1], rtol=1e-5)
+
+
+def test_training_reduces_loss_and_teacher_is_not_updated():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    tv_before = _flat(tv)
+    state = d.init(0, data["x"][:2], tv)
+    state, _, hist = fit(d, state, tv, data, epochs=6, batch_size=32,
+                         eval_sets={"val": EvalSet(x=data["x"], y=data["y"])}, progress=False)
+    assert hist[-1]["train"]["total"] < hist[0]["train"]["total"]
+    np.testing.assert_array_equal(_flat(tv), tv_before)
+    assert set(state.params) == {"student", "adapters"}
+
+
+def test_vmapped_seeds_equal_sequential_runs():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)])
+    states = jax.vmap(lambda k: d.init(k, data["x"][:2], tv))(keys)
+    states, _, _ = fit(d, states, tv, data, epochs=2, batch_size=32, num_seeds=3,
+                       progress=False)
+    for i, s in enumerate((0, 1, 2)):
+        single, _, _ = fit(d, d.init(s, data["x"][:2], tv), tv, data, epochs=2,
+                           batch_size=32, progress=False)
+        vm = jax.tree_util.tree_map(lambda a: a[i], states.params)
+        np.testing.assert_allclose(_flat(vm), _flat(single.params), rtol=2e-5, atol=1e-6)
+    # and the seeds really differ
+    assert not np.allclose(_flat(jax.tree_util.tree_map(lambda a: a[0], states.params)),
+                           _flat(jax.tree_util.tree_map(lambda a: a[1], states.params)))
+
+
+def test_no_recompilation_after_first_epoch():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    epoch = d.jit_epoch(32)
+    state = d.init(0, data["x"][:2], tv)
+    xs = jax.tree_util.tree_map(jnp.asarray, data)
+    for _ in range(4):
+        state, _ = epoch(state, tv, xs)
+    assert epoch._cache_size() == 1
+    assert int(state.epoch) == 4 and int(state.step) == 4 * (256 // 32)
+
+
+def test_same_seed_same_numbers_and_different_seed_differs():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    runs = [fit(d, d.init(s, data["x"][:2], tv), tv, data, epochs=2, batch_size=32,
+                progress=False)[0] for s in (0, 0, 1)]
+    np.testing.assert_array_equal(_flat(runs[0].params), _flat(runs[1].params))
+    assert not np.array_equal(_flat(runs[0].params), _flat(runs[2].params))
+
+
+def test_methods_needing_teacher_without_teacher_is_an_error():
+    with pytest.raises(ValueError, match=r"methods \['kd'\] need a teacher"):
+        Distiller(models.create("mlp", 3), (methods.build({"name": "kd"}),),
+                  make_optimizer({"name": "adam", "learning_rate": 1e-3},
+                                 total_steps=1, steps_per_epoch=1))
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    ref, _, ref_hist = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4,
+                           batch_size=32, progress=False,
+                           eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    ck = Checkpointer(str(tmp_path / "ck"))
+    fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=2, batch_size=32, progress=False,
+        checkpointer=ck, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    assert ck.steps()[-1] == 2
+    # "restart": a fresh state template, the same checkpointer, the full epoch count
+    ck2 = Checkpointer(str(tmp_path / "ck"))
+    res, _, hist = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32,
+                       progress=False, checkpointer=ck2,
+                       eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    np.testing.assert_array_equal(_flat(res.params), _flat(ref.params))
+    np.testing.assert_array_equal(_flat(res.opt_state), _flat(ref.opt_state))
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert [h["val"]["accuracy"] for h in hist] == [h["val"]["accuracy"] for h in ref_hist]
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path):
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    ck = Checkpointer(str(tmp_path / "ck"), max_to_keep=3)
+    state = d.init(0, data["x"][:2], tv)
+    fit(d, state, tv, data, epochs=2, batch_size=32, progress=False, checkpointer=ck)
+    latest = tmp_path / "ck" / "2"
+    # truncate every file of the newest step
+    for root, _, files in os.walk(latest):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(0)
+    template = {"state": d.init(0, data["x"][:2], tv),
+                "best": [{"params": d.init(0, data["x"][:2], tv).params["student"],
+                          "batch_stats": d.init(0, data["x"][:2], tv).batch_stats}]}
+    with pytest.warns(UserWarning, match=r"checkpoint step 2 .* unreadable"):
+        step, restored, _ = Checkpointer(str(tmp_path / "ck")).restore_latest(template)
+    assert step == 1 and int(restored["state"].epoch) == 1
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from test_engine import _distiller, _data, _teacher_vars
+    from kdjax.train import Checkpointer, fit
+    d = _distiller(); data = _data(); tv = _teacher_vars(d.teacher, data["x"])
+    ck = Checkpointer({ckdir!r}, max_to_keep=2)
+    state, _, _ = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs={epochs},
+                      batch_size=32, progress=False, checkpointer=ck)
+    import numpy as np, jax
+    flat = np.concatenate([np.ravel(np.asarray(a, np.float64))
+                           for a in jax.tree_util.tree_leaves(state.params)])
+    np.save({out!r}, flat)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_epoch_then_resume_gives_identical_params(tmp_path):
+    epochs = 12
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "run.py"
+    ckdir = str(tmp_path / "ck")
+    out = str(tmp_path / "final.npy")
+    script.write_text(KILL_SCRIPT.format(root=root, tests=tests, ckdir=ckdir, epochs=epochs,
+                                         out=out))
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    kill_after = int(np.random.default_rng().integers(2, epochs - 2))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if os.path.isdir(ckdir) else []
+        if steps and max(steps) >= kill_after:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out), "the run finished before it could be killed"
+    # resume to completion
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300)
+    resumed = np.load(out)
+    # uninterrupted reference in a fresh directory
+    ref_script = tmp_path / "ref.py"
+    ref_out = str(tmp_path / "ref.npy")
+    ref_script.write_text(KILL_SCRIPT.format(root=root, tests=tests, ckdir=str(tmp_path / "ck2"),
+                                             epochs=epochs, out=ref_out))
+    subprocess.run([sys.executable, str(ref_script)], env=env, check=True, timeout=300)
+    np.testing.assert_array_equal(resumed, np.load(ref_out))
