@@ -276,6 +276,7 @@ def _catalog_domains(shift, tfds_names: dict[str, str], *, target, seed, data_di
             te = load(tfds_name, "test", data_dir=data_dir, normalize=False, **kw)
         else:  # only a test split (cifar10_corrupted): the same base-image partition
             full = load(tfds_name, "test", data_dir=data_dir, normalize=False, **kw)
+            full = _with_extras(full, index=np.arange(len(full)))  # row = base image
             perm = np.random.default_rng([seed, 7]).permutation(len(full))
             n_test = int(round(test_fraction * len(full)))
             tr, te = full.subset(np.sort(perm[n_test:])), full.subset(np.sort(perm[:n_test]))
