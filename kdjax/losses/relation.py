@@ -49,7 +49,29 @@ __all__ = [
 _EPS = 1e-12
 
 
+def _explicit_sharding(x):
+    """The ``NamedSharding`` of ``x`` if it is sharded over an Explicit mesh axis."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not getattr(mesh, "explicit_axes", ()):
+        return None
+    return sharding
+
+
+def _global_batch(x):
+    """Replicates ``x`` when it is sharded over an Explicit mesh axis (jax >= 0.7 default
+    of ``jax.make_mesh``), so that batch x batch products are well-typed; XLA then
+    all-gathers the (small) batch of features. No-op for Auto meshes, shard_map bodies
+    (Manual axes) and unsharded arrays."""
+    x = jnp.asarray(x)
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.P()))
+
+
 def _flat32(x):
+    x = _global_batch(x)
     return x.astype(jnp.float32).reshape(x.shape[0], -1)
 
 
@@ -311,8 +333,8 @@ def crd(student_emb: chex.Array, teacher_emb: chex.Array,
     """
     _check_embeddings(student_emb, teacher_emb)
     check_positive(temperature, "temperature")
-    s = _l2_normalize(student_emb.astype(jnp.float32))
-    t = _l2_normalize(teacher_emb.astype(jnp.float32))
+    s = _l2_normalize(_flat32(student_emb))
+    t = _l2_normalize(_flat32(teacher_emb))
     logits = s @ t.T / temperature
     idx = jnp.arange(s.shape[0])
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, idx)
@@ -338,10 +360,14 @@ def init_crd_queue(rng: chex.PRNGKey, size: int = 16384, dim: int = 128) -> dict
 
 
 def _enqueue(queue, new):
-    """FIFO update: newest first, oldest dropped; the queue keeps its size."""
+    """FIFO update: newest first, oldest dropped; the queue keeps size and sharding."""
     k = queue.shape[0]
+    sharding = _explicit_sharding(queue)
     new = jax.lax.stop_gradient(new).astype(queue.dtype)
-    return jnp.concatenate([new, queue], axis=0)[:k]
+    out = jnp.concatenate([new, _global_batch(queue)], axis=0)[:k]
+    if sharding is not None:
+        out = jax.sharding.reshard(out, sharding)
+    return out
 
 
 def crd_queue(student_emb: chex.Array, teacher_emb: chex.Array, queue: dict,
@@ -396,10 +422,10 @@ def crd_queue(student_emb: chex.Array, teacher_emb: chex.Array, queue: dict,
             raise ValueError(
                 f"queue[{key!r}] must have {student_emb.shape[1]} columns (the embedding "
                 f"dim), got shape {queue[key].shape}.")
-    s = _l2_normalize(student_emb.astype(jnp.float32))
-    t = _l2_normalize(teacher_emb.astype(jnp.float32))
-    qs = queue["student"].astype(jnp.float32)
-    qt = queue["teacher"].astype(jnp.float32)
+    s = _l2_normalize(_flat32(student_emb))
+    t = _l2_normalize(_flat32(teacher_emb))
+    qs = _global_batch(queue["student"]).astype(jnp.float32)
+    qt = _global_batch(queue["teacher"]).astype(jnp.float32)
     pos = jnp.sum(s * t, axis=-1, keepdims=True) / temperature
 
     def term(anchor, negatives):

@@ -200,11 +200,11 @@ def test_zero_at_student_equals_teacher():
 def test_gradients():
     s, t = rnd(23, 2, 2, 2, 3), rnd(24, 2, 2, 2, 3)
     kw = dict(order=1, modes=("rev",), atol=3e-2, rtol=3e-2, eps=1e-3)
-    check_grads(lambda a: losses.attention_transfer(a, t), (s,), **kw)
-    check_grads(lambda a: losses.nst(a, t), (s,), **kw)
-    check_grads(lambda a: losses.fsp(a, a, t, t), (s,), **kw)
-    check_grads(lambda a: losses.factor_transfer(a, t, p=2), (s,), **kw)
-    check_grads(lambda a, b: losses.vid(a, t, b), (s, rnd(25, 3)), **kw)
+    check_grads(jax.jit(lambda a: losses.attention_transfer(a, t)), (s,), **kw)
+    check_grads(jax.jit(lambda a: losses.nst(a, t)), (s,), **kw)
+    check_grads(jax.jit(lambda a: losses.fsp(a, a, t, t)), (s,), **kw)
+    check_grads(jax.jit(lambda a: losses.factor_transfer(a, t, p=2)), (s,), **kw)
+    check_grads(jax.jit(lambda a, b: losses.vid(a, t, b)), (s, rnd(25, 3)), **kw)
 
 
 def test_zero_features_have_finite_gradients():
@@ -212,7 +212,7 @@ def test_zero_features_have_finite_gradients():
     t = jnp.asarray(rnd(26, 2, 2, 2, 3))
     for fn in (lambda a: losses.attention_transfer(a, t), lambda a: losses.nst(a, t),
                lambda a: losses.factor_transfer(a, t)):
-        assert bool(jnp.all(jnp.isfinite(jax.grad(fn)(z))))
+        assert bool(jnp.all(jnp.isfinite(jax.jit(jax.grad(fn))(z))))
 
 
 def test_jit_vmap_and_bf16():
