@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax._checks import (
     check_array,
@@ -304,7 +304,7 @@ def _arnoldi(mv, v0, n_iter):
 
 
 def inverse_hvp(matvec: MatVec, b: Any, method: str = "cg", damping: chex.Numeric = 0.01,
-                *, tol: float = 1e-6, maxiter: int = 200,
+                *, tol: float = 1e-5, maxiter: int = 200,
                 scale: float = 25.0, depth: int = 1000,
                 rank: int = 20, arnoldi_iters: int | None = None,
                 arnoldi_complement: str = "drop", seed: int = 0,
@@ -366,7 +366,8 @@ def inverse_hvp(matvec: MatVec, b: Any, method: str = "cg", damping: chex.Numeri
     Returns:
       ``(x, diagnostics)``: ``x`` shaped like ``b``; ``diagnostics`` always holds
       ``"relative_residual"`` ``||(H + lambda I) x - b|| / ||b||`` (one extra matvec), and
-      per method: cg ``"converged"``; lissa ``"last_update"`` (relative size of the last
+      per method: cg ``"converged"`` (relative residual <= ``max(2 tol, 100 eps)``; jax's
+      ``cg`` does not report its iteration count); lissa ``"last_update"`` (relative size of the last
       step); arnoldi ``"eigenvalues"`` (kept Ritz values, descending by magnitude); dense
       ``"eigenvalues"`` (all of ``H``, ascending).
     """
@@ -388,8 +389,10 @@ def inverse_hvp(matvec: MatVec, b: Any, method: str = "cg", damping: chex.Numeri
         maxiter = _check_int(maxiter, "maxiter")
         x, _ = jax.scipy.sparse.linalg.cg(damped, b, tol=tol, maxiter=maxiter)
         res = _relative_residual(damped, x, b)
-        # jax's cg does not expose its iteration count; converged reports tol reached.
-        diag["converged"] = res <= 10 * tol
+        # jax's cg does not expose its iteration count; "converged" reports whether the
+        # true relative residual reached tol (up to rounding: 100 ulp of the dtype).
+        eps = jnp.finfo(res.dtype).eps
+        diag["converged"] = res <= jnp.maximum(2.0 * tol, 100.0 * eps)
     elif method == "lissa":
         check_positive(scale, "scale")
         depth = _check_int(depth, "depth")
@@ -455,6 +458,14 @@ def _pad_leading(x, total):
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
+def _place(x, mesh, spec):
+    """Reshards ``x`` onto ``mesh`` with ``spec`` (explicit axes) or constrains it (auto)."""
+    sharding = NamedSharding(mesh, spec)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def per_example_jvp(loss_fn: LossFn, params: Any, data: Any, tangent: Any, *,
                     chunk_size: int = 1024, mesh: Mesh | None = None,
                     axis_name: str = "data") -> chex.Array:
@@ -467,7 +478,11 @@ def per_example_jvp(loss_fn: LossFn, params: Any, data: Any, tangent: Any, *,
     repeating the last example and the padded entries are dropped, so every chunk has
     the same shape and compiles once. With ``mesh``, the data are split over the mesh
     axis ``axis_name`` with ``jax.shard_map`` (``params`` and ``tangent`` replicated);
-    each device scores its own shard: the result equals the unsharded one.
+    each device scores its own shard (chunked locally) and the ``[N]`` result stays
+    sharded over ``axis_name``; it equals the unsharded result. Data already sharded
+    with ``NamedSharding(mesh, P(axis_name))`` are used in place; pass ``mesh`` for such
+    data (the ``mesh=None`` path reshapes the global array). If ``N`` is not a multiple
+    of the axis size the data are padded and the result is returned replicated.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -499,28 +514,39 @@ def per_example_jvp(loss_fn: LossFn, params: Any, data: Any, tangent: Any, *,
             raise ValueError(f"axis_name must be an axis of mesh {dict(mesh.shape)}, got "
                              f"{axis_name!r}.")
         n_shards = mesh.shape[axis_name]
-    chunk_size = min(chunk_size, math.ceil(n / n_shards))
-    per_shard = math.ceil(n / (n_shards * chunk_size)) * chunk_size
-    total = per_shard * n_shards
+    n_global = math.ceil(n / n_shards) * n_shards  # padded so that shards are equal
+    local_n = n_global // n_shards
+    chunk_size = min(chunk_size, local_n)
+    per_shard = math.ceil(local_n / chunk_size) * chunk_size
     # Trace-time check of the loss output on one chunk.
-    probe = jax.tree_util.tree_map(lambda x: x[:chunk_size], data)
-    jax.eval_shape(lambda p: per_example_losses(loss_fn, p, probe), params)
+    probe = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((chunk_size,) + tuple(np.shape(x)[1:]),
+                                       jnp.result_type(x)), data)
+    jax.eval_shape(lambda p, b: per_example_losses(loss_fn, p, b), params, probe)
 
     def local(p, t, shard):
+        # Pads this shard to whole chunks (edge rows), scores it, drops the padding.
+        shard = jax.tree_util.tree_map(lambda x: _pad_leading(x, per_shard), shard)
         chunks = jax.tree_util.tree_map(
             lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), shard)
 
         def one(chunk):
             return jax.jvp(lambda q: per_example_losses(loss_fn, q, chunk), (p,), (t,))[1]
 
-        return jax.lax.map(one, chunks).reshape(-1)
+        return jax.lax.map(one, chunks).reshape(-1)[:local_n]
 
-    padded = jax.tree_util.tree_map(lambda x: _pad_leading(jnp.asarray(x), total), data)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
     if mesh is None:
-        out = local(params, tangent, padded)
-    else:
-        out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis_name)),
-                            out_specs=P(axis_name))(params, tangent, padded)
+        return local(params, tangent, data)
+    # Data sharded evenly over the axis need no global padding (so no resharding); an
+    # uneven N (then the data cannot be sharded evenly anyway) is padded first.
+    data = jax.tree_util.tree_map(
+        lambda x: _place(_pad_leading(x, n_global), mesh, P(axis_name)), data)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis_name)),
+                        out_specs=P(axis_name))(params, tangent, data)
+    if n_global == n:
+        return out
+    out = _place(out, mesh, P())  # replicate, then trim
     return out[:n]
 
 
