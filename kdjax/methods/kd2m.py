@@ -1,1 +1,119 @@
-"""Registry entries for the kd2m family (see kdjax.methods)."""
+"""Registry entries for the KD2M family (arXiv:2504.01757; see kdjax.losses.distribution).
+
+Each method compares the student's and the teacher's feature clouds of the batch,
+``D(student_features, stop_gradient(teacher_features))``. Options common to all:
+
+* ``features``: ``[student_feature, teacher_feature]`` names in the features dict
+  (default ``["pooled", "pooled"]``, the ``(B, D)`` embedding). Other (channels-last)
+  features are flattened per example; both must have the same flattened size.
+* ``conditional``: label-conditional version (:func:`kdjax.losses.conditional`), with
+  ``batch["y"]`` and the number of classes from the logits' shape; ``weighting``
+  ``"sum"`` (authors) or ``"frequency"``.
+
+``batch["weights"]`` (per-example sample weights), when present, are the weights of both
+clouds. Reference weight ``lambda = 1e-4`` (authors' setting, 512-d features, CE weight 1).
+Names: ``kd2m_exact_ot``, ``kd2m_sinkhorn``, ``kd2m_sinkhorn_divergence``,
+``kd2m_sliced``, ``kd2m_gaussian_w2``, ``kd2m_gaussian_kl``, ``kd2m_mmd``,
+``kd2m_joint_ot``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import losses
+from kdjax._checks import check_choice
+from kdjax.methods import Method, register
+
+__all__: list[str] = []
+
+_COMMON = {"features": ("pooled", "pooled"), "conditional": False, "weighting": "sum"}
+KD2M_WEIGHT = 1e-4
+
+
+def _feature(out, name, who):
+    feats = out[1]
+    if name not in feats:
+        raise ValueError(f"{who} feature {name!r} not found; available features: "
+                         f"{sorted(feats)}.")
+    f = feats[name]
+    return f.reshape(f.shape[0], -1)
+
+
+def _pair(student_out, teacher_out, features):
+    if not isinstance(features, (list, tuple)) or len(features) != 2:
+        raise ValueError("features must be a [student_feature, teacher_feature] pair, "
+                         f"got {features!r}.")
+    x = _feature(student_out, features[0], "student")
+    y = jax.lax.stop_gradient(_feature(teacher_out, features[1], "teacher"))
+    return x, y
+
+
+def _make_loss(distance, uses_rng=False):
+    """loss(params, state, s_out, t_out, batch, rng, features, conditional, weighting, **kw)."""
+
+    def loss(params, state, student_out, teacher_out, batch, rng, *, features, conditional,
+             weighting, **kwargs):
+        del params
+        check_choice(weighting, "weighting", ("sum", "frequency"))
+        x, y = _pair(student_out, teacher_out, features)
+        if uses_rng:
+            if rng is None:
+                raise ValueError("this method needs an rng key (random projections), got None.")
+            kwargs = {**kwargs, "key": rng}
+        w = batch.get("weights")
+        if conditional:
+            if "y" not in batch:
+                raise ValueError("conditional=True needs labels batch['y'], got batch keys "
+                                 f"{sorted(batch)}.")
+            value = losses.conditional(distance, x, y, batch["y"],
+                                       num_classes=student_out[0].shape[-1], a=w, b=w,
+                                       weighting=weighting, **kwargs)
+        else:
+            value = distance(x, y, w, w, **kwargs)
+        return value, state
+
+    return loss
+
+
+def _joint_loss(params, state, student_out, teacher_out, batch, rng, *, features, beta,
+                label_cost, feature_scale):
+    del params, rng
+    x, y = _pair(student_out, teacher_out, features)
+    w = batch.get("weights")
+    value = losses.joint_ot(x, y, student_out[0], jax.lax.stop_gradient(teacher_out[0]),
+                            w, w, beta=beta, label_cost=label_cost,
+                            feature_scale=feature_scale)
+    return value, state
+
+
+_SINKHORN = {"epsilon": 0.05, "threshold": 1e-3, "max_iterations": 2000,
+             "min_iterations": 0, "differentiation": "implicit"}
+
+_SPECS = [
+    ("kd2m_exact_ot", losses.exact_ot, {}, False,
+     "KD2M exact empirical W2^2 (assignment / LP plan, envelope gradient)"),
+    ("kd2m_sinkhorn", losses.sinkhorn, dict(_SINKHORN), False,
+     "KD2M entropic OT (ott-jax Sinkhorn), epsilon relative to the mean cost"),
+    ("kd2m_sinkhorn_divergence", losses.sinkhorn_divergence,
+     dict(_SINKHORN, static_b=False), False, "KD2M debiased Sinkhorn divergence"),
+    ("kd2m_sliced", losses.sliced_wasserstein, {"num_projections": 128}, True,
+     "KD2M sliced W2^2 (random projections from the step rng)"),
+    ("kd2m_gaussian_w2", losses.gaussian_w2, {"diagonal": True, "eig_floor": 1e-6}, False,
+     "KD2M Gaussian W2 (diagonal by default, as the authors)"),
+    ("kd2m_gaussian_kl", losses.gaussian_kl, {"var_floor": 1e-6}, False,
+     "KD2M diagonal Gaussian KL(student || teacher)"),
+    ("kd2m_mmd", losses.mmd, {"kernel": "linear", "bandwidth": "mean"}, False,
+     "KD2M squared MMD (linear by default, as the authors; rbf with mean/median)"),
+]
+
+for _name, _dist, _opts, _rng, _doc in _SPECS:
+    register(Method(_name, _make_loss(_dist, uses_rng=_rng), options={**_COMMON, **_opts},
+                    default_weight=KD2M_WEIGHT, needs_labels=False, doc=_doc))
+
+register(Method("kd2m_joint_ot", _joint_loss,
+                options={"features": ("pooled", "pooled"), "beta": 1.0,
+                         "label_cost": "sqeuclidean", "feature_scale": "max"},
+                default_weight=KD2M_WEIGHT, needs_labels=False,
+                doc="KD2M joint feature-logit exact OT between student and teacher"))

@@ -1,0 +1,77 @@
+"""Registry entries of the KD2M family: build from config, finite values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import losses, methods
+
+NAMES = ["kd2m_exact_ot", "kd2m_sinkhorn", "kd2m_sinkhorn_divergence", "kd2m_sliced",
+         "kd2m_gaussian_w2", "kd2m_gaussian_kl", "kd2m_mmd", "kd2m_joint_ot"]
+B, D, C = 8, 6, 4
+
+
+def _outputs(seed):
+    k = jax.random.split(jax.random.key(seed), 3)
+    logits = jax.random.normal(k[0], (B, C))
+    feats = {"pooled": jax.random.normal(k[1], (B, D)),
+             "stage1": jax.random.normal(k[2], (B, 2, 2, 3))}
+    return logits, feats
+
+
+S_OUT, T_OUT = _outputs(0), _outputs(1)
+BATCH = {"x": jnp.zeros((B, 1)), "y": jnp.array([0, 1, 2, 0, 1, 2, 0, 3])}
+
+
+def test_registered_with_reference_weight():
+    for name in NAMES:
+        assert name in methods.names()
+        assert methods.get(name).default_weight == 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_value_and_grad_finite(name):
+    m = methods.build({"name": name})
+    params, state = m.init(jax.random.key(0), S_OUT, T_OUT)
+
+    def f(s_feat, t_feat):
+        s = (S_OUT[0], {**S_OUT[1], "pooled": s_feat})
+        t = (T_OUT[0], {**T_OUT[1], "pooled": t_feat})
+        return m(params, state, s, t, BATCH, jax.random.key(1))[0]
+
+    v, (gs, gt) = jax.value_and_grad(f, (0, 1))(S_OUT[1]["pooled"], T_OUT[1]["pooled"])
+    assert np.isfinite(float(v)) and float(v) > 0
+    assert bool(jnp.all(jnp.isfinite(gs))) and float(jnp.abs(gs).max()) > 0
+    assert float(jnp.abs(gt).max()) == 0.0  # teacher is detached
+
+
+def test_options_reach_the_loss():
+    x, y = S_OUT[1]["pooled"], T_OUT[1]["pooled"]
+    m = methods.build({"name": "kd2m_mmd", "kernel": "rbf", "bandwidth": "median"})
+    v, _ = m({}, None, S_OUT, T_OUT, BATCH, None)
+    np.testing.assert_allclose(float(v), float(losses.mmd(x, y, kernel="rbf",
+                                                          bandwidth="median")), rtol=1e-6)
+    m = methods.build({"name": "kd2m_gaussian_w2", "conditional": True})
+    v, _ = m({}, None, S_OUT, T_OUT, BATCH, None)
+    ref = losses.conditional(losses.gaussian_w2, x, y, BATCH["y"], num_classes=C,
+                             diagonal=True)
+    np.testing.assert_allclose(float(v), float(ref), rtol=1e-6)
+    m = methods.build({"name": "kd2m_exact_ot", "features": ["stage1", "stage1"]})
+    v, _ = m({}, None, S_OUT, T_OUT, BATCH, None)
+    np.testing.assert_allclose(float(v), float(losses.exact_ot(
+        S_OUT[1]["stage1"].reshape(B, -1), T_OUT[1]["stage1"].reshape(B, -1))), rtol=1e-6)
+
+
+def test_unknown_and_bad_options_error():
+    with pytest.raises(ValueError, match="unknown option.*valid options"):
+        methods.build({"name": "kd2m_sinkhorn", "eps": 0.1})
+    m = methods.build({"name": "kd2m_mmd", "kernel": "laplace"})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        m({}, None, S_OUT, T_OUT, BATCH, None)
+    m = methods.build({"name": "kd2m_mmd", "features": ["pooled", "nope"]})
+    with pytest.raises(ValueError, match="teacher feature 'nope' not found"):
+        m({}, None, S_OUT, T_OUT, BATCH, None)
+    m = methods.build({"name": "kd2m_mmd", "conditional": True})
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        m({}, None, S_OUT, T_OUT, {"x": BATCH["x"]}, None)
