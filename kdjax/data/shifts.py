@@ -30,13 +30,13 @@ final ``train`` split, applied to all splits).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from kdjax._checks import check_choice
 from kdjax.data.builders import MNIST1D_DOMAINS
-from kdjax.data.core import ArrayDataset, celeba_arrays, channel_stats, load, normalize_like
+from kdjax.data.core import ArrayDataset, channel_stats, load, normalize_like
 
 __all__ = [
     "make_shift",
