@@ -184,13 +184,18 @@ class Distiller:
         return state, terms
 
     # -- one epoch on device ---------------------------------------------------------
-    def epoch_fn(self, batch_size: int, mesh: Mesh | None = None):
+    def epoch_fn(self, batch_size: int, mesh: Mesh | None = None,
+                 index_fn: Callable[[jax.Array, int], jax.Array] | None = None):
         """``epoch(state, teacher_vars, data) -> (state, mean terms)``, not yet jitted.
 
         ``data`` is a dict of device arrays with equal leading dimension N (``x``, ``y``,
         optional ``weights``, ``label_mask``...). Each epoch draws a permutation from
         ``fold_in(seed_key, epoch)`` and runs ``N // batch_size`` steps in a
         ``lax.scan``. Pure, so it can be ``vmap``-ed over seeds.
+
+        ``index_fn(key, n) -> int[steps, batch_size]`` replaces the random permutation
+        with another jittable batch plan (e.g. CoSS's teacher-neighbour batches from
+        :mod:`kdjax.data.neighbors`).
         """
         def epoch(state: TrainState, teacher_vars, data):
             n = jax.tree_util.tree_leaves(data)[0].shape[0]
@@ -198,8 +203,15 @@ class Distiller:
             if steps == 0:
                 raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
             key = jax.random.fold_in(state.seed_key, state.epoch)
-            perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-            idx = perm[: steps * batch_size].reshape(steps, batch_size)
+            if index_fn is None:
+                perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
+                idx = perm[: steps * batch_size].reshape(steps, batch_size)
+            else:
+                idx = index_fn(jax.random.fold_in(key, 0), n)
+                if idx.ndim != 2 or idx.shape[1] != batch_size:
+                    raise ValueError(f"index_fn must return int[steps, {batch_size}], "
+                                     f"got shape {idx.shape}.")
+                steps = idx.shape[0]
 
             def body(st, inp):
                 i, rows = inp
@@ -216,10 +228,11 @@ class Distiller:
 
         return epoch
 
-    def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0):
+    def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
+                  index_fn=None):
         """Jitted epoch with the state donated; ``num_seeds > 0`` vmaps over a leading
         seed axis of the state (seeds as one program)."""
-        fn = self.epoch_fn(batch_size, mesh)
+        fn = self.epoch_fn(batch_size, mesh, index_fn)
         if num_seeds:
             fn = jax.vmap(fn, in_axes=(0, None, None))
         return jax.jit(fn, donate_argnums=(0,))

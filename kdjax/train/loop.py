@@ -49,7 +49,7 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
         eval_sets: Mapping[str, EvalSet] | None = None, eval_every: int = 1,
         select_on: str | None = None, select_metric: str = "accuracy",
         checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
-        num_seeds: int = 0, progress: bool = True, desc: str = "train"):
+        num_seeds: int = 0, progress: bool = True, desc: str = "train", index_fn=None):
     """Trains for ``epochs`` epochs; returns ``(state, best, history)``.
 
     Args:
@@ -61,6 +61,7 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
         best epoch per seed. Never select on a test split.
       checkpointer: resume from / save to it.
       num_seeds: 0 for a single run; ``S`` when ``state`` has a leading seed axis.
+      index_fn: optional batch plan, see :meth:`Distiller.epoch_fn`.
     """
     eval_sets = dict(eval_sets or {})
     if select_on is not None and select_on not in eval_sets:
@@ -95,7 +96,7 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
     state = replicate(state, mesh)
     data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
     tvars = replicate(teacher_vars, mesh)
-    epoch_fn = distiller.jit_epoch(batch_size, mesh, num_seeds=num_seeds)
+    epoch_fn = distiller.jit_epoch(batch_size, mesh, num_seeds=num_seeds, index_fn=index_fn)
 
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False,
                initial=start, total=epochs)
