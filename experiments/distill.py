@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.data.core import load as kdata_load
+from kdjax import data as kdata
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer,
@@ -58,13 +58,13 @@ def load_data(cfg):
     kw = {"data_dir": cfg.dataset.data_dir or None}
     if cfg.dataset.config:
         kw["config"] = cfg.dataset.config
-    full = kdata_load(name, "train", **kw)
-    test = kdata_load(name, "test", **kw)
+    full = kdata.load(name, "train", **kw)
+    test = kdata.load(name, "test", **kw)
     train, val = split_train_val(full, cfg.dataset.val_size)
     return train, val, test
 
 
-def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, out_dir, done):
+def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, ckpt_dir, done):
     """Trains all seeds of one run; returns result rows and validation curves."""
     built = tuple(methods.build(m) for m in run["methods"])
     only_ce = all(m.name == "ce" for m in built)
@@ -91,21 +91,24 @@ def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, out_d
     if not seeds:
         return [], []
     eval_sets = {"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])}
-    ckpt = Checkpointer(os.path.join(out_dir, "ckpt", run["name"] + "_" + "_".join(map(str, seeds))))
+    every = max(1, epochs // cfg.student.evaluations)  # evaluate + checkpoint this often
+    ckpt = Checkpointer(os.path.join(ckpt_dir, run["name"] + "_" + "_".join(map(str, seeds))))
     if cfg.vmap_seeds and len(seeds) > 1:
         keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
         state = jax.vmap(lambda k: distiller.init(k, train.x[:2], tvars))(keys)
         _, bests, history = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b,
                                 mesh=mesh, eval_sets=eval_sets, select_on="val",
+                                eval_every=every, checkpoint_every=every,
                                 checkpointer=ckpt, num_seeds=len(seeds),
                                 progress=cfg.progress, desc=run["name"])
     else:
         bests, history = [], []
         for s in seeds:
-            ck = Checkpointer(os.path.join(out_dir, "ckpt", f"{run['name']}_{s}"))
+            ck = Checkpointer(os.path.join(ckpt_dir, f"{run['name']}_{s}"))
             state = distiller.init(s, train.x[:2], tvars)
             _, best, h = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b,
                              mesh=mesh, eval_sets=eval_sets, select_on="val",
+                             eval_every=every, checkpoint_every=every,
                              checkpointer=ck, progress=cfg.progress, desc=run["name"])
             bests.append(best)
             history += [dict(r, seed_index=len(bests) - 1) for r in h]
@@ -183,13 +186,17 @@ def main(argv=None):
           f"({'cached' if tmeta['cached'] else 'trained'})")
 
     results_path = os.path.join(out_dir, "results.jsonl")
-    cfg_key = config_hash(cfg)
+    # what defines the results (not where they go or how progress is shown)
+    cfg_key = config_hash({k: v for k, v in cfg.to_dict().items()
+                           if k not in ("out_dir", "cache_dir", "progress")})
     old = [r for r in R.read_jsonl(results_path) if r.get("config_hash") == cfg_key]
     done = {(r["run"], r["seed"]) for r in old}
     curves_path = os.path.join(out_dir, "curves.jsonl")
     for run in cfg.runs:
+        # checkpoints are keyed by the config hash: a changed config never resumes
+        # from another config's state
         rows, curves = run_students(cfg, run, train, val, test, teacher, tvars, logits,
-                                    mesh, out_dir, done)
+                                    mesh, os.path.join(out_dir, "ckpt", cfg_key), done)
         for r in rows:
             r.update(config_hash=cfg_key, dataset=cfg.dataset.name,
                      teacher_test_accuracy=t_test["accuracy"], config=cfg.to_dict(), **meta)

@@ -145,12 +145,18 @@ def stateless(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --- the two basic methods -------------------------------------------------------------
 
 def _ce(params, student_out, teacher_out, batch, label_smoothing):
-    """CE on the labels. With ``batch["label_mask"]`` (1 = labelled), the mean is over
+    """CE on the labels (mixed as ``lam CE(y) + (1-lam) CE(y_b)`` when a mixing
+    augmentation put ``y_b``/``lam`` in the batch). With ``batch["label_mask"]`` (1 = labelled), the mean is over
     the labelled rows of the batch only (0 when none), so a semi-supervised batch's CE
     has the scale of a fully labelled one."""
     del params, teacher_out
     per_example = losses.cross_entropy(student_out[0], batch["y"], weights=batch.get("weights"),
                                        label_smoothing=label_smoothing, reduction="none")
+    if "y_b" in batch:  # mixup / cutmix: lam * CE(y_a) + (1 - lam) * CE(y_b)
+        lam = batch["lam"]
+        per_b = losses.cross_entropy(student_out[0], batch["y_b"], weights=batch.get("weights"),
+                                     label_smoothing=label_smoothing, reduction="none")
+        per_example = lam * per_example + (1.0 - lam) * per_b
     if "label_mask" not in batch:
         return per_example.mean()
     mask = batch["label_mask"].astype(per_example.dtype)

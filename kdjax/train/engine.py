@@ -79,8 +79,10 @@ class Distiller:
       methods: the loss terms (``kdjax.methods.build(cfg)`` for each).
       tx: optax optimiser.
       teacher: Flax module returning ``(logits, features)``, or None (CE-only runs).
-      augment: optional jittable ``augment(key, x) -> x`` applied per step; teacher and
-        student see the same augmented view ("consistent teaching").
+      augment: optional jittable ``augment(key, batch) -> batch`` applied per step
+        (:func:`kdjax.data.get_augmentation`); teacher and student see the same
+        augmented view ("consistent teaching"). Mixing augmentations add ``y_b`` and
+        ``lam`` to the batch, which the ``ce`` method honours.
       compute_dtype: dtype of the inputs fed to the networks (``jnp.bfloat16`` for
         bf16 compute; parameters stay float32 and losses are computed in float32).
       teacher_from_batch: read the teacher's outputs from the batch
@@ -93,7 +95,7 @@ class Distiller:
     methods: tuple[BuiltMethod, ...]
     tx: optax.GradientTransformation
     teacher: nn.Module | None = None
-    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    augment: Callable[[jax.Array, dict], dict] | None = None
     compute_dtype: Any = jnp.float32
     teacher_from_batch: bool = False
 
@@ -151,9 +153,9 @@ class Distiller:
     # -- one step --------------------------------------------------------------------
     def loss_fn(self, params, state: TrainState, teacher_vars, batch, rng):
         """Total loss and aux (new BN stats, new method state, per-term values)."""
-        x = batch["x"]
         if self.augment is not None:
-            x = self.augment(jax.random.fold_in(rng, 0), x)
+            batch = self.augment(jax.random.fold_in(rng, 0), batch)
+        x = batch["x"]
         s_out, new_bs = self._student_out(params, state.batch_stats, x, train=True)
         s_out = (s_out[0].astype(jnp.float32), s_out[1])
         if self.teacher_from_batch:
