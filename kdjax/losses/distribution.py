@@ -804,7 +804,8 @@ def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
         mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: P() for k in arr_kw}),
                                out_specs=P(), check_vma=False)
         shardings = tuple(jax.sharding.NamedSharding(mesh, s) for s in specs)
-        explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit
+        axis_type = mesh.axis_types[mesh.axis_names.index(axis_name)]
+        explicit = axis_type == jax.sharding.AxisType.Explicit
         place = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
 
         @jax.jit

@@ -117,7 +117,7 @@ def test_sinkhorn_unroll_matches_implicit():
     np.testing.assert_allclose(np.asarray(gi), np.asarray(gu), atol=2e-3, rtol=2e-3)
 
 
-# --- sliced -----------------------------------------------------------------------------------
+# --- sliced ----------------------------------------------
 
 def test_sliced_wasserstein_matches_numpy_projection_reference():
     key = jax.random.key(3)
@@ -202,7 +202,7 @@ def test_mmd_matches_numpy_double_loop():
                 modes=["rev"], eps=1e-2, atol=1e-3, rtol=1e-2)
 
 
-# --- invariances --------------------------------------------------------------------------------
+# --- invariances ----------------------------------------------
 
 CHEAP = {
     "exact_ot": D.exact_ot,
@@ -226,7 +226,7 @@ def test_permutation_invariance_and_zero_at_equal():
         assert abs(float(fn(X, X))) < 1e-3 * v + 1e-5, name
 
 
-# --- robustness ---------------------------------------------------------------------------------
+# --- robustness ----------------------------------------------
 
 def _all_finite(tree):
     return all(bool(jnp.all(jnp.isfinite(t))) for t in jax.tree_util.tree_leaves(tree))
@@ -257,7 +257,7 @@ def test_values_and_grads_finite(case):
                                        rtol=2e-2, err_msg=name)
 
 
-# --- conditional --------------------------------------------------------------------------------
+# --- conditional ----------------------------------------------
 
 LABELS = jnp.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 0])
 
@@ -314,7 +314,7 @@ def test_joint_ot_matches_pot_on_joint_cost():
     assert _all_finite(g) and float(jnp.abs(g[0]).max()) > 0  # feature part is trained
 
 
-# --- batch semantics on 8 devices -------------------------------------------------------------------
+# --- batch semantics on 8 devices ----------------------------------------------
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit,
                                        pytest.param(AxisType.Auto, marks=pytest.mark.slow)])
@@ -337,7 +337,7 @@ def test_global_and_per_device_semantics(n_devices, axis_type):
     np.testing.assert_allclose(float(D.per_device(D.exact_ot, mesh)(xs, ys)), ref, rtol=1e-5)
 
 
-# --- errors -------------------------------------------------------------------------------------
+# --- errors ----------------------------------------------
 
 def test_bad_inputs_raise_with_names():
     with pytest.raises(ValueError, match="feature dimension.*5 for x.*4 for y"):
