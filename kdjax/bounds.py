@@ -220,8 +220,8 @@ def _unsupported(name: str, eqn, why: str = "") -> NotImplementedError:
         f"{', '.join(_SUPPORTED)} (and calls/custom_jvp such as jax.nn.relu).")
 
 
-def _build_graph(fn: Callable, x_one: jax.Array) -> _Graph:
-    closed = jax.make_jaxpr(fn)(x_one)
+def _build_graph(fn: Callable, x_one) -> _Graph:
+    closed = jax.make_jaxpr(fn)(x_one)  # x_one: a ShapeDtypeStruct of one example
     g = _Graph()
     g.nodes.append(_Node("input", None, {}, (), tuple(x_one.shape), x_one.dtype))
     env_in = [g.const(c) for c in closed.consts]
@@ -493,7 +493,7 @@ def _spec_bounds(g: _Graph, target: int, spec, lows, highs, xl, xu, relax):
     lam = jnp.concatenate([spec, -spec], axis=0).reshape((-1,) + shape)
     res = _backward(g, target, lam, lows, highs, xl, xu, relax=relax)
     s = spec.shape[0]
-    return res[:s], -res[s:]
+    return res[:s] + 0.0, 0.0 - res[s:]  # (+ 0.0: no negative zeros)
 
 
 def _per_example(g: _Graph, lo, hi, spec, method: str):
@@ -579,25 +579,24 @@ def _flat_outputs(fn):
 
 def _bounds(fn, x, eps, clip, C, method, batch_chunk):
     _validate(fn, x, eps, clip, C)
-    g = _build_graph(_flat_outputs(fn), x[:1])
-    xl, xu = interval_box(x, eps, clip)
+    g = _build_graph(_flat_outputs(fn), jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+    if C is not None and C.ndim == 2:
+        C = jnp.broadcast_to(C, (x.shape[0],) + C.shape)
 
     def one(args):
         xl1, xu1, c1 = args
-        lo, up = _per_example(g, xl1[None], xu1[None], c1, method)
-        return lo, up
+        return _per_example(g, xl1[None], xu1[None], c1, method)
 
-    if C is None:
-        cs = None
-    else:
-        cs = C if C.ndim == 3 else jnp.broadcast_to(C, (x.shape[0],) + C.shape)
-    if batch_chunk is None:
-        return jax.vmap(lambda a, b, c: one((a, b, c)))(xl, xu, cs) if cs is not None \
-            else jax.vmap(lambda a, b: one((a, b, None)))(xl, xu)
-    if cs is None:
-        return lax.map(lambda ab: one((ab[0], ab[1], None)), (xl, xu),
-                       batch_size=batch_chunk)
-    return lax.map(one, (xl, xu, cs), batch_size=batch_chunk)
+    # One compiled program per call (also when called eagerly: the interpreter would
+    # otherwise dispatch op by op); inside an outer jit this is a nested call.
+    @jax.jit
+    def run(x, eps, cs):
+        xl, xu = interval_box(x, eps, clip)
+        if batch_chunk is None:
+            return jax.vmap(lambda a, b, c: one((a, b, c)))(xl, xu, cs)
+        return lax.map(one, (xl, xu, cs), batch_size=batch_chunk)
+
+    return run(x, eps, C)
 
 
 def ibp_bounds(fn: Callable, x: chex.Array, eps: chex.Numeric, *, clip=None,
