@@ -261,19 +261,18 @@ def test_sharded_jit_is_global_batch_and_shard_map_is_per_device(name, n_devices
     s, t = rnd(24, 32, 5), rnd(25, 32, 6)
     ss, ts = jax.device_put(s, sharding), jax.device_put(t, sharding)
     per = 32 // n_devices
-    if True:
-        fn = BATCH_LOSSES[name]
-        one = fn(jax.device_put(s, jax.devices()[0]), jax.device_put(t, jax.devices()[0]))
-        # Global-batch semantics: jit over sharded inputs equals the 1-device value.
-        np.testing.assert_allclose(jax.jit(fn)(ss, ts), one, rtol=1e-5, err_msg=name)
-        # Per-device semantics: shard_map computes the loss within each shard.
-        per_dev = jax.jit(jax.shard_map(lambda a, b: jax.lax.pmean(fn(a, b), "data"),
-                                        mesh=mesh, in_specs=(P("data"), P("data")),
-                                        out_specs=P()))(ss, ts)
-        shards = np.mean([fn(s[per * i:per * (i + 1)], t[per * i:per * (i + 1)])
-                          for i in range(n_devices)])
-        np.testing.assert_allclose(per_dev, shards, rtol=1e-5, err_msg=name)
-        assert abs(float(per_dev) - float(one)) > 1e-6  # the two semantics differ
+    fn = BATCH_LOSSES[name]
+    one = fn(jax.device_put(s, jax.devices()[0]), jax.device_put(t, jax.devices()[0]))
+    # Global-batch semantics: jit over sharded inputs equals the 1-device value.
+    np.testing.assert_allclose(jax.jit(fn)(ss, ts), one, rtol=1e-5, err_msg=name)
+    # Per-device semantics: shard_map computes the loss within each shard.
+    per_dev = jax.jit(jax.shard_map(lambda a, b: jax.lax.pmean(fn(a, b), "data"),
+                                    mesh=mesh, in_specs=(P("data"), P("data")),
+                                    out_specs=P()))(ss, ts)
+    shards = np.mean([fn(s[per * i:per * (i + 1)], t[per * i:per * (i + 1)])
+                      for i in range(n_devices)])
+    np.testing.assert_allclose(per_dev, shards, rtol=1e-5, err_msg=name)
+    assert abs(float(per_dev) - float(one)) > 1e-6  # the two semantics differ
 
 
 def test_crd_queue_sharded_equals_unsharded(n_devices):
