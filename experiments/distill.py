@@ -58,6 +58,9 @@ def load_data(cfg):
     kw = {"data_dir": cfg.dataset.data_dir or None}
     if cfg.dataset.config:
         kw["config"] = cfg.dataset.config
+    for k in ("num_train", "num_test"):
+        if cfg.dataset[k]:
+            kw[k] = cfg.dataset[k]
     full = kdata.load(name, "train", **kw)
     test = kdata.load(name, "test", **kw)
     train, val = split_train_val(full, cfg.dataset.val_size)

@@ -27,6 +27,8 @@ def get_config():
     c.dataset.name = "mnist1d"     # or "digits", or a TFDS catalog name
     c.dataset.config = ""          # embedded builder config ("" = default)
     c.dataset.data_dir = ""        # "" = $KDJAX_DATA_DIR or ~/tensorflow_datasets
+    c.dataset.num_train = 0        # mnist1d only: generated train size (0 = builder default)
+    c.dataset.num_test = 0         # mnist1d only: generated test size (0 = builder default)
     c.dataset.val_size = 1000      # held out of train for model selection
     c.labelled = 500               # labelled examples the students see (0 = all)
 
@@ -44,6 +46,7 @@ def get_config():
     c.student.model_kwargs = ml_collections.ConfigDict({"channels": (16, 32)})
     c.student.epochs = 20          # epochs over the full (distillation) set
     c.student.batch_size = 128
+    c.student.evaluations = 20     # validation/checkpoint points per run (model selection)
     c.student.optimizer = ml_collections.ConfigDict(
         {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
 
@@ -60,6 +63,11 @@ def validate(c):
     """Value checks with messages naming the key."""
     if c.seeds < 1:
         raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
+    if c.dataset.val_size < 1:
+        raise ValueError(f"config.dataset.val_size must be >= 1, got {c.dataset.val_size}.")
+    if (c.dataset.num_train or c.dataset.num_test) and c.dataset.name != "mnist1d":
+        raise ValueError("config.dataset.num_train/num_test only apply to mnist1d, got "
+                         f"dataset.name={c.dataset.name!r}.")
     if c.labelled < 0:
         raise ValueError(f"config.labelled must be >= 0, got {c.labelled}.")
     for part in ("teacher", "student"):
