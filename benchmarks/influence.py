@@ -97,7 +97,7 @@ def per_example_grad(params, x, y):
         params))[0]
 
 
-def run(sizes, repeats=3):
+def run(sizes, repeats=5):
     params = init(jax.random.key(0))
     p_count = ravel_pytree(params)[0].size
     val = data(jax.random.key(2), 1000)
@@ -108,7 +108,7 @@ def run(sizes, repeats=3):
     for n in sizes:
         train = data(jax.random.key(1), n)
         row = {"N": n, "params": p_count}
-        tf = lambda f: time_fn(f, repeats=repeats, min_time=0.0)["median_s"]  # noqa: E731
+        tf = lambda f: time_fn(f, repeats=repeats, min_time=0.05)["median_s"]  # noqa: E731
 
         epoch, opt = make_epoch(n)
         opt_state = opt.init(params)
