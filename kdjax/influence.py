@@ -367,8 +367,8 @@ def inverse_hvp(matvec: MatVec, b: Any, method: str = "cg", damping: chex.Numeri
       ``(x, diagnostics)``: ``x`` shaped like ``b``; ``diagnostics`` always holds
       ``"relative_residual"`` ``||(H + lambda I) x - b|| / ||b||`` (one extra matvec), and
       per method: cg ``"converged"`` (relative residual <= ``max(2 tol, 100 eps)``; jax's
-      ``cg`` does not report its iteration count); lissa ``"last_update"`` (relative size of the last
-      step); arnoldi ``"eigenvalues"`` (kept Ritz values, descending by magnitude); dense
+      ``cg`` does not report its iteration count); lissa ``"last_update"`` (relative size
+      of the last step); arnoldi ``"eigenvalues"`` (kept Ritz values, descending by magnitude); dense
       ``"eigenvalues"`` (all of ``H``, ascending).
     """
     check_choice(method, "method", INVERSE_METHODS)
@@ -577,7 +577,14 @@ def influence_scores(loss_fn: LossFn, params: Any, train_data: Any, val_data: An
     ``train_data`` (:func:`hvp`), right for convex / last-layer models. For networks pass
     the Gauss-Newton product, e.g. ``matvec=lambda v: ggn_vp(model_fn, out_loss, params,
     batch, v)`` on the training data or a large subset (the Hessian is indefinite there
-    and CG on it is unreliable).
+    and CG on it is unreliable). The default materialises activations for all of
+    ``train_data`` in each matvec; pass a subset-based ``matvec`` for large ``N``.
+
+    Sharding: with ``mesh`` the scores are computed per device on the ``axis_name``
+    shards (``shard_map``); the gradient and the curvature products follow the sharding
+    of ``val_data`` / ``train_data`` under ``jit`` (global-batch semantics, XLA inserts
+    the reductions). On a mesh with ``Explicit`` axis types, ``loss_fn`` itself must be
+    differentiable on explicitly sharded batches.
 
     Examples:
       >>> import jax.numpy as jnp
