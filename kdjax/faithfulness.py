@@ -677,7 +677,9 @@ def faithful_penalty(teacher_fn: Callable, student_fn: Callable, x: chex.Array, 
     if use_adv:
         if key is None:
             raise ValueError("key must be a PRNG key when adversarial_weight != 0, got None.")
-        _, x_adv = pgd_gap(t_fn, student_fn, x, eps=eps, steps=steps, step_size=step_size,
+        # the attack needs the teacher's input gradient: no stop_gradient there
+        _, x_adv = pgd_gap(teacher_fn, student_fn, x, eps=eps, steps=steps,
+                           step_size=step_size,
                            restarts=restarts, key=key, clip=clip, objective=objective,
                            labels=y)
         x_adv = jax.lax.stop_gradient(x_adv)
