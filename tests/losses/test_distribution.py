@@ -75,15 +75,65 @@ def _pot_reg_cost(x, y, eps, a=None, b=None):
     return np.sum(plan * c) + eps * kl
 
 
-@pytest.mark.parametrize("epsilon", [0.1, pytest.param(0.01, marks=pytest.mark.slow)])
-def test_sinkhorn_matches_pot(epsilon):
+@pytest.mark.parametrize("epsilon,relative_to", [
+    (0.1, "std"), (0.1, "mean"), pytest.param(0.01, "std", marks=pytest.mark.slow),
+    pytest.param(0.01, "mean", marks=pytest.mark.slow)])
+def test_sinkhorn_matches_pot(epsilon, relative_to):
     # float32 marginal errors floor near 1e-5 at small epsilon
     val, diag = D.sinkhorn(X, Y, epsilon=epsilon, threshold=1e-5 if epsilon > 0.05 else 1e-4,
-                           max_iterations=5000, return_diagnostics=True)
+                           max_iterations=5000, relative_to=relative_to,
+                           return_diagnostics=True)
     assert bool(diag["converged"])
     eps = float(diag["epsilon"])
-    np.testing.assert_allclose(eps, epsilon * _sqdist_np(X, Y).mean(), rtol=1e-5)
+    c = _sqdist_np(X, Y)
+    np.testing.assert_allclose(eps, epsilon * getattr(c, relative_to)(), rtol=1e-4)
     np.testing.assert_allclose(float(val), _pot_reg_cost(X, Y, eps), rtol=2e-3)
+
+
+def test_epsilon_scale_is_weighted_and_floored():
+    a = np.random.default_rng(5).uniform(0.1, 1.0, 12)
+    b = np.r_[np.zeros(3), np.random.default_rng(6).uniform(0.1, 1.0, 9)]
+    an, bn = a / a.sum(), b / b.sum()
+    c = _sqdist_np(X, Y)
+    mean = an @ c @ bn
+    std = np.sqrt(an @ (c - mean) ** 2 @ bn)
+    for rel, ref in (("std", std), ("mean", mean)):
+        _, diag = D.sinkhorn(X, Y, a, b, epsilon=0.2, relative_to=rel, return_diagnostics=True)
+        np.testing.assert_allclose(float(diag["epsilon"]), 0.2 * ref, rtol=1e-4, err_msg=rel)
+    # one point each: all costs equal, std = 0 -> floor 1e-3 x mean; value = the cost
+    v, diag = D.sinkhorn(X[:1], Y[:1], return_diagnostics=True)
+    np.testing.assert_allclose(float(diag["epsilon"]), 0.05 * 1e-3 * c[0, 0], rtol=1e-4)
+    np.testing.assert_allclose(float(v), c[0, 0], rtol=1e-4)
+
+
+def _separated_clouds(n=64, d=512, k=8, sep=0.5):
+    """k clusters in 512-d, centres ~sep*sqrt(d) apart, unit-variance noise per point:
+    the costs share a large common part (mean ~ 630) and spread little (std ~ 60)."""
+    r = np.random.default_rng(0)
+    centres = r.normal(size=(k, d)) * sep / np.sqrt(2)
+    lab = np.arange(n) % k
+    x = centres[lab] + r.normal(size=(n, d)) / np.sqrt(2)
+    y = centres[lab] + r.normal(size=(n, d)) / np.sqrt(2)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+
+def test_default_epsilon_gives_an_informative_plan():
+    # At the default epsilon (0.05 x std of the costs) the plan is far from the
+    # independent coupling a b^T (entropy log(n m)) and OT_eps is within 5 % of exact
+    # OT; 0.05 x mean (the old scale) blurs the plan over the clusters.
+    x, y = _separated_clouds()
+    n = x.shape[0]
+    w = float(D.exact_ot(x, y))
+    val, diag = D.sinkhorn(x, y, return_diagnostics=True)
+    assert bool(diag["converged"])
+    plan = ot.sinkhorn(np.full(n, 1 / n), np.full(n, 1 / n), _sqdist_np(x, y),
+                       reg=float(diag["epsilon"]), method="sinkhorn_log", numItermax=20000,
+                       stopThr=1e-9)
+    entropy = -np.sum(np.where(plan > 0, plan * np.log(plan), 0.0))
+    assert entropy < np.log(n * n) - 3.0, entropy
+    assert w <= float(val) <= 1.05 * w, (float(val), w)
+    blurred = float(D.sinkhorn(x, y, relative_to="mean"))
+    assert blurred > 1.10 * w, (blurred, w)
 
 
 def test_sinkhorn_divergence_matches_pot_zero_at_equal_positive_otherwise():
@@ -246,7 +296,11 @@ def test_values_and_grads_finite(case):
         x, y = _rand(30, 16, 8), _rand(31, 16, 8, shift=0.3)
         x, y = x.at[:, :3].set(0.0), y.at[:, 2:4].set(1.0)
     fns = dict(CHEAP, sinkhorn_small_eps=lambda x, y: D.sinkhorn(x, y, epsilon=1e-3,
-                                                                max_iterations=200))
+                                                                max_iterations=200),
+               sinkhorn_small_eps_mean=lambda x, y: D.sinkhorn(
+                   x, y, epsilon=1e-3, relative_to="mean", max_iterations=200),
+               sinkhorn_divergence_small_eps=lambda x, y: D.sinkhorn_divergence(
+                   x, y, epsilon=1e-3, max_iterations=200))
     for name, fn in fns.items():
         v, g = jax.jit(jax.value_and_grad(lambda a, b: fn(a, b), (0, 1)))(x, y)
         assert v.dtype == jnp.float32 and _all_finite((v, g)), (case, name)
@@ -350,6 +404,8 @@ def test_bad_inputs_raise_with_names():
         D.conditional(D.mmd, X, Y, LABELS, num_classes=2)
     with pytest.raises(ValueError, match="differentiation must be one of"):
         D.sinkhorn(X, Y, differentiation="auto")
+    with pytest.raises(ValueError, match=r"relative_to must be one of \['mean', 'std'\], got 'max'"):
+        D.sinkhorn_divergence(X, Y, relative_to="max")
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         D.gaussian_w2(jnp.ones((4, 2), jnp.int32), Y[:4, :2])
     with pytest.raises(ValueError, match="a must be >= 0"):

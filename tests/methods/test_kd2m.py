@@ -8,7 +8,7 @@ import pytest
 from kdjax import losses, methods
 
 NAMES = ["kd2m_exact_ot", "kd2m_sinkhorn", "kd2m_sinkhorn_divergence", "kd2m_sliced",
-         "kd2m_gaussian_w2", "kd2m_gaussian_kl", "kd2m_mmd", "kd2m_joint_ot"]
+         "kd2m_gaussian_w2", "kd2m_gaussian_kl", "kd2m_mmd", "kd2m_joint_ot", "kd2m_feature_mse"]
 B, D, C = 8, 6, 4
 
 
@@ -75,3 +75,26 @@ def test_unknown_and_bad_options_error():
     m = methods.build({"name": "kd2m_mmd", "conditional": True})
     with pytest.raises(ValueError, match=r"batch\['y'\]"):
         m({}, None, S_OUT, T_OUT, {"x": BATCH["x"]}, None)
+
+
+def test_sinkhorn_default_scale_and_option():
+    x, y = S_OUT[1]["pooled"], T_OUT[1]["pooled"]
+    assert methods.get("kd2m_sinkhorn").options["relative_to"] == "std"
+    for rel in ("std", "mean"):
+        m = methods.build({"name": "kd2m_sinkhorn", "relative_to": rel})
+        v, _ = m({}, None, S_OUT, T_OUT, BATCH, None)
+        np.testing.assert_allclose(float(v), float(losses.sinkhorn(x, y, relative_to=rel)),
+                                   rtol=1e-5)
+
+
+def test_feature_mse_is_identity_coupling_and_bounds_exact_ot():
+    x, y = S_OUT[1]["pooled"], T_OUT[1]["pooled"]
+    v, _ = methods.build({"name": "kd2m_feature_mse"})({}, None, S_OUT, T_OUT, BATCH, None)
+    ref = np.mean(np.sum((np.asarray(x) - np.asarray(y)) ** 2, -1))
+    np.testing.assert_allclose(float(v), ref, rtol=1e-5)
+    assert float(v) >= float(losses.exact_ot(x, y)) - 1e-5  # W2^2 <= identity coupling
+    w = jnp.arange(1.0, B + 1.0)
+    v, _ = methods.build({"name": "kd2m_feature_mse"})(
+        {}, None, S_OUT, T_OUT, {**BATCH, "weights": w}, None)
+    ref = np.sum(np.asarray(w) * np.sum((np.asarray(x) - np.asarray(y)) ** 2, -1)) / w.sum()
+    np.testing.assert_allclose(float(v), float(ref), rtol=1e-5)
