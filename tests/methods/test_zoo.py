@@ -29,7 +29,11 @@ def test_every_zoo_method_is_registered():
     assert set(ZOO) <= set(methods.names())
 
 
-@pytest.mark.parametrize("name", ZOO)
+HEAVY = {"ab", "ft", "vid", "nst", "fsp", "cc"}  # conv adapters / several stages: compile
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY
+                                  else n for n in ZOO])
 def test_builds_inits_and_gives_finite_loss_and_grads(name):
     s_out, t_out = (S_SAME, T_SAME) if name == "fsp" else (S_OUT, T_OUT)
     m = methods.build({"name": name})
