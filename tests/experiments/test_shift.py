@@ -1,0 +1,174 @@
+"""experiments/shift.py: config validation, loss composition, cell keys, end-to-end smoke."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import grid
+from experiments import shift as S
+from experiments.configs import shift as C
+from kdjax.config import config_hash, load_config
+from kdjax.train import results as R
+
+
+def quick(**over):
+    return load_config("experiments.configs.shift",
+                       [f"{k}={v!r}" for k, v in over.items()], arg="quick")
+
+
+# ------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("over,match", [
+    ({"run_methods": ["kd", "nope"]}, r"unknown method entry 'nope'.*valid entries.*'fitnet'"),
+    ({"method.name": "nope"}, r"unknown method entry 'nope'"),
+    ({"shifts": ["rotated_digits:75", "nowhere"]}, r"unknown shift 'nowhere'.*valid shifts.*"
+                                                   r"'coloured_digits'"),
+    ({"shifts": ["rotated_digits:90"]}, r"unknown target '90'.*valid targets.*'75'"),
+    ({"shift": "mnist1d_domains:moon"}, r"unknown target 'moon'.*'shear'"),
+    ({"seeds": 0}, r"config.seeds must be >= 1"),
+    ({"temperature": 0.0}, r"config.temperature must be > 0"),
+    ({"student.epochs": 0}, r"config.student.epochs must be >= 1"),
+])
+def test_validate_names_keys_and_choices(over, match):
+    with pytest.raises(ValueError, match=match):
+        quick(**over)
+
+
+def test_validate_method_configs_inside_entries():
+    cfg = C.get_config("quick")
+    with cfg.unlocked():
+        cfg.methods = cfg.methods + [{"name": "bad", "methods": [{"name": "fitnett"}]}]
+    with pytest.raises(ValueError, match=r"unknown method 'fitnett' in entry 'bad'.*valid "
+                                         r"methods"):
+        C.validate(cfg)
+    with cfg.unlocked():
+        cfg.methods = cfg.methods[:-1] + [{"name": "bad", "methods": [], "agument": {}}]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['agument'\].*valid keys"):
+        C.validate(cfg)
+    with pytest.raises(ValueError, match="'full' or 'quick'"):
+        C.get_config("fast")
+
+
+def test_catalogue_covers_every_registered_method():
+    from kdjax import methods
+    used = {m["name"] for e in C.METHODS for m in e["methods"]}
+    assert set(methods.names()) - used <= {"ce", "kd"}
+
+
+# ------------------------------------------------------------- loss composition
+
+def _cell(method, **over):
+    return quick(**{"method.name": method, **over})
+
+
+def test_loss_terms_shiftkd_mix():
+    terms, skip = S.loss_terms(_cell("kd"), S.resolve_entry(_cell("kd")))
+    assert not skip
+    assert terms == [{"name": "ce", "weight": 0.6},
+                     {"name": "kd", "weight": 0.4, "temperature": 4.0}]
+    terms, _ = S.loss_terms(_cell("ce"), S.resolve_entry(_cell("ce")))
+    assert terms == [{"name": "ce", "weight": 1.0}]
+    cfg = _cell("fitnet", temperature=8.0)
+    terms, _ = S.loss_terms(cfg, S.resolve_entry(cfg))
+    assert terms[1]["temperature"] == 8.0
+    assert terms[2] == {"name": "fitnet", "weight": pytest.approx(0.4 * 100.0)}
+    cfg = _cell("dkd", temperature=2.0, **{"method.weight": 0.5})
+    terms, _ = S.loss_terms(cfg, S.resolve_entry(cfg))
+    assert [t["name"] for t in terms] == ["ce", "dkd"]  # DKD replaces KD
+    assert terms[1]["weight"] == 0.5 and terms[1]["temperature"] == 2.0
+
+
+def test_loss_terms_skips_with_reasons():
+    cfg = _cell("ft")
+    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg))
+    assert terms == [] and "pretrain_loss" in skip
+
+    def shapes(widths):
+        f = {n: jax.ShapeDtypeStruct((2, w), np.float32) for n, w in widths.items()}
+        return (jax.ShapeDtypeStruct((2, 10), np.float32), f)
+    cfg = _cell("kd2m_sliced")
+    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg), shapes({"pooled": 32}),
+                               shapes({"pooled": 128}))
+    assert "no feature has equal widths" in skip
+    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg), shapes({"pooled": 64}),
+                               shapes({"pooled": 64}))
+    assert not skip and terms[-1]["features"] == ["pooled", "pooled"]
+    assert terms[-1]["weight"] == pytest.approx(0.4 * 1e-4)
+
+
+def test_cell_identity_is_the_cell_only():
+    a = _cell("fitnet")
+    base = config_hash(S.cell_identity(a))
+    b = _cell("fitnet", out_dir="/elsewhere", progress=True, run_methods=["kd"])
+    assert config_hash(S.cell_identity(b)) == base
+    c = _cell("fitnet")
+    with c.unlocked():
+        c.methods = [dict(e, methods=[{"name": "rkd", "distance_weight": 1.0}])
+                     if e["name"] == "rkd" else e for e in c.methods]
+    assert config_hash(S.cell_identity(c)) == base  # another entry changed: same key
+    with c.unlocked():
+        c.methods = [dict(e, methods=[{"name": "fitnet", "weight": 1.0}])
+                     if e["name"] == "fitnet" else e for e in c.methods]
+    assert config_hash(S.cell_identity(c)) != base
+    assert config_hash(S.cell_identity(_cell("fitnet", temperature=2.0))) != base
+
+
+def test_plan_orders_shift_outermost():
+    cfg = quick(shifts=["spurious_mnist1d", "coloured_digits"], run_methods=["ce", "kd"],
+                seeds=2)
+    cells = S.plan(cfg)
+    assert [(c.config.shift, c.config.method.name, c.seed) for c in cells][:4] == [
+        ("spurious_mnist1d", "ce", 0), ("spurious_mnist1d", "ce", 1),
+        ("spurious_mnist1d", "kd", 0), ("spurious_mnist1d", "kd", 1)]
+    assert len(cells) == 8
+
+
+# ------------------------------------------------------------------ end to end
+
+TINY = ["--config.student.epochs=2", "--config.teacher.epochs=2",
+        "--config.student.evaluations=2", "--config.seeds=2",
+        "--config.shifts=['spurious_mnist1d', 'coloured_digits']",
+        "--config.run_methods=['ce', 'kd', 'fitnet', 'kd+cutmix']",
+        "--config.shift_options.spurious_mnist1d.num_train=400",
+        "--config.shift_options.spurious_mnist1d.num_test=200",
+        "--config.shift_options.coloured_digits.replicas=1"]
+
+
+@pytest.mark.slow
+def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
+    argv = ["--quick", *TINY, f"--config.out_dir={tmp_path / 'out'}",
+            f"--config.cache_dir={tmp_path / 'cache'}"]
+    rows = S.main(argv)
+    methods = ["ce", "kd", "fitnet"]
+    shifts = ["spurious_mnist1d", "coloured_digits"]
+    # kd+cutmix runs on images only
+    assert {(r["method"], r["shift"]) for r in rows} == (
+        {(m, s) for m in methods for s in shifts} | {("kd+cutmix", "coloured_digits")})
+    assert len(rows) == 7 * 2
+    for r in rows:
+        for k in ("git_revision", "jax_version", "device_kind", "device_count", "config",
+                  "seed", "global_batch_size", "cell_key", "loss_terms",
+                  "target_accuracy", "in_accuracy", "target_agreement",
+                  "target_worst_group_accuracy", "teacher_target_accuracy"):
+            assert k in r, k
+        assert r["config"]["shift"] == r["shift"]
+        assert r["config"]["method"]["name"] == r["method"]
+        assert 0.0 <= r["target_worst_group_accuracy"] <= r["target_average_group_accuracy"]
+        assert r["global_batch_size"] == 128
+    # worst-group accuracy recomputed from per-group accuracy bounds the average
+    text = open(tmp_path / "out" / "results.md").read()
+    table = text.split("## Target-domain accuracy")[1].split("Difference to kd")[0]
+    for m in methods:
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {m} |"))
+        assert line.count("±") == 2, line
+    assert "kd+cutmix on spurious_mnist1d: skipped" in text
+    for f in ("target_accuracy.png", "in_vs_target.png", "worst_group_accuracy.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    assert not (tmp_path / "out" / "ckpt").exists() or not any(
+        (tmp_path / "out" / "ckpt").iterdir())
+    # rerun: every cell is skipped (no training) and the rows are unchanged
+    monkeypatch.setattr(S, "fit", lambda *a, **k: pytest.fail("a finished cell reran"))
+    rows2 = S.main(argv)
+    assert sorted(r["cell_key"] for r in rows2) == sorted(r["cell_key"] for r in rows)
+    assert len(R.read_jsonl(str(tmp_path / "out" / "results.jsonl"))) == 14
