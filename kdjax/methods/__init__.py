@@ -49,6 +49,11 @@ class Method:
       default_weight: the reference weight of the loss term.
       needs_labels: whether the loss reads ``batch["y"]``.
       doc: one line for listings.
+      needs_models: when True the engine also passes ``models=(student_fn,
+        teacher_fn)``, two functions ``x -> (logits, features)`` (student with the
+        parameters being differentiated and its BatchNorm in eval mode; teacher in eval
+        mode under ``stop_gradient``), for losses that evaluate the networks at other
+        inputs (adversarial distillation, faithfulness penalties).
       pretrain_loss: optional initialisation stage (FT paraphraser, AB, FSP in the
         reference code): same signature as ``loss``; before distillation the engine
         minimises it over this method's adapter params only, with the student frozen,
@@ -63,6 +68,7 @@ class Method:
     needs_labels: bool = False
     doc: str = ""
     pretrain_loss: Callable[..., Any] | None = None
+    needs_models: bool = False
 
 
 def register(method: Method) -> Method:
@@ -104,9 +110,10 @@ class BuiltMethod:
             return {}, None
         return self.method.init(rng, student_out, teacher_out, **self.options)
 
-    def __call__(self, params, state, student_out, teacher_out, batch, rng):
+    def __call__(self, params, state, student_out, teacher_out, batch, rng, models=None):
+        extra = {"models": models} if self.method.needs_models else {}
         return self.method.loss(params, state, student_out, teacher_out, batch, rng,
-                                **self.options)
+                                **extra, **self.options)
 
 
 def build(config: Mapping[str, Any]) -> BuiltMethod:
@@ -175,7 +182,7 @@ register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},
 register(Method("kd", stateless(_kd), options={"temperature": 4.0}, default_weight=0.9,
                 doc="Hinton KD, tau^2 KL(p_T || p_S)"))
 
-_FAMILIES = ("zoo", "kd2m", "coss")
+_FAMILIES = ("zoo", "kd2m", "coss", "faithful")
 _loaded = False
 
 

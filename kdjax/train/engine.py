@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from kdjax._checks import check_float_array, check_labels, check_same_shape
 from kdjax.methods import BuiltMethod
 from kdjax.train import metrics as metrics_lib
 from kdjax.train.sharding import data_sharding, replicated
@@ -166,9 +167,20 @@ class Distiller:
             t_out = (t_out[0].astype(jnp.float32), t_out[1])
         total = jnp.zeros((), jnp.float32)
         terms, new_ms = {}, {}
+        models = None
+        if any(m.method.needs_models for m in self.methods):
+            def student_fn(xs):
+                out = self._student_out(params, state.batch_stats, xs, train=False)[0]
+                return out[0].astype(jnp.float32), out[1]
+
+            def teacher_fn(xs):
+                out = self._teacher_out(teacher_vars, xs)
+                return out[0].astype(jnp.float32), out[1]
+
+            models = (student_fn, teacher_fn)
         for i, (k, m) in enumerate(zip(self.keys, self.methods)):
             value, st = m(params["adapters"][k], state.method_state[k], s_out, t_out,
-                          batch, jax.random.fold_in(rng, i + 1))
+                          batch, jax.random.fold_in(rng, i + 1), models=models)
             terms[k] = value
             new_ms[k] = st
             total = total + m.weight * value
@@ -258,6 +270,9 @@ def predict(apply_fn: Callable, x: np.ndarray, batch_size: int = 512,
     The input is padded to a multiple of ``batch_size`` (padding rows are dropped from
     the result). With a mesh, batches are sharded over ``"data"``.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     n = x.shape[0]
     if mesh is not None:
         batch_size = int(math.ceil(batch_size / mesh.devices.size) * mesh.devices.size)
@@ -278,6 +293,10 @@ def predict(apply_fn: Callable, x: np.ndarray, batch_size: int = 512,
 def evaluate(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None,
              groups: np.ndarray | None = None, num_groups: int = 0) -> dict[str, float]:
     """Accuracy, loss, ECE (+ agreement and KL to the teacher, worst-group accuracy)."""
+    check_float_array(logits, "logits", ndim=2)
+    check_labels(np.asarray(labels), "labels", np.shape(logits)[-1], batch=np.shape(logits)[0])
+    if teacher_logits is not None:
+        check_same_shape(logits, teacher_logits, "logits", "teacher_logits")
     stats = metrics_lib.batch_stats(
         jnp.asarray(logits), jnp.asarray(labels), jnp.ones(len(labels)),
         None if teacher_logits is None else jnp.asarray(teacher_logits),

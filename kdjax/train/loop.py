@@ -78,9 +78,10 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
         return metrics[select_on][select_metric] if select_on else None
 
     history: list[dict] = []
+    # host copies: the device state is donated to the epoch function
     best = [{"value": -np.inf, "epoch": -1, "metrics": None,
-             "params": _seed_slice(state.params["student"], s),
-             "batch_stats": _seed_slice(state.batch_stats, s)} for s in seeds]
+             "params": jax.device_get(_seed_slice(state.params["student"], s)),
+             "batch_stats": jax.device_get(_seed_slice(state.batch_stats, s))} for s in seeds]
     start = 0
     if checkpointer is not None:
         restored = checkpointer.restore_latest({"state": state, "best": _best_arrays(best)})

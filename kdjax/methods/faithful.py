@@ -1,0 +1,1 @@
+"""Registry entries for faithful distillation (see kdjax.methods, kdjax.faithfulness)."""
