@@ -86,9 +86,10 @@ def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, ckpt_
     epochs = max(1, math.ceil(total_steps / steps_per_epoch))
     tx = make_optimizer(cfg.student.optimizer, total_steps=epochs * steps_per_epoch,
                         steps_per_epoch=steps_per_epoch)
-    student = models.create(cfg.student.model, train.num_classes,
+    dtype = jnp.dtype(cfg.compute_dtype)
+    student = models.create(cfg.student.model, train.num_classes, dtype=dtype,
                             **cfg.student.model_kwargs.to_dict())
-    distiller = Distiller(student, built, tx, teacher=teacher,
+    distiller = Distiller(student, built, tx, teacher=teacher, compute_dtype=dtype,
                           teacher_from_batch=precompute and not only_ce)
     seeds = [s for s in range(cfg.seeds) if (run["name"], s) not in done]
     if not seeds:

@@ -22,6 +22,7 @@ def get_config():
     c.vmap_seeds = True            # all seeds of a run as one vmapped program
     c.num_devices = 0              # 0 = all local devices
     c.progress = True
+    c.compute_dtype = "float32"    # "bfloat16": bf16 student compute, float32 params/losses
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "mnist1d"     # or "digits", or a TFDS catalog name
@@ -61,6 +62,9 @@ def get_config():
 
 def validate(c):
     """Value checks with messages naming the key."""
+    if c.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError("config.compute_dtype must be one of ['bfloat16', 'float32'], "
+                         f"got {c.compute_dtype!r}.")
     if c.seeds < 1:
         raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
     if c.dataset.val_size < 1:

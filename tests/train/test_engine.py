@@ -215,3 +215,37 @@ def test_sigkill_at_random_epoch_then_resume_gives_identical_params(tmp_path):
                                              epochs=epochs, out=ref_out))
     subprocess.run([sys.executable, str(ref_script)], env=env, check=True, timeout=300)
     np.testing.assert_array_equal(resumed, np.load(ref_out))
+
+
+def test_bf16_compute_keeps_float32_params_and_finite_loss():
+    student = models.create("cnn1d", 4, channels=(8, 8), dtype=jnp.bfloat16)
+    teacher = models.create("mlp", 4, hidden=(16,))
+    tx = make_optimizer({"name": "adam", "learning_rate": 1e-3}, total_steps=10,
+                        steps_per_epoch=8)
+    d = Distiller(student, (methods.build({"name": "ce"}), methods.build({"name": "kd"})), tx,
+                  teacher=teacher, compute_dtype=jnp.bfloat16)
+    data = _data()
+    tv = _teacher_vars(teacher, data["x"])
+    state = d.init(0, data["x"][:2], tv)
+    state, terms = jax.jit(d.train_step)(state, tv, {k: v[:32] for k, v in data.items()},
+                                         jax.random.PRNGKey(0))
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(state.params))
+    assert terms["total"].dtype == jnp.float32 and np.isfinite(float(terms["total"]))
+    logits, feats = student.apply({"params": state.params["student"],
+                                   "batch_stats": state.batch_stats}, data["x"][:4])
+    assert logits.dtype == jnp.bfloat16
+
+
+def test_precomputed_teacher_logits_equal_online_teacher():
+    d_online = _distiller()
+    d_pre = Distiller(d_online.student, d_online.methods, d_online.tx, teacher=d_online.teacher,
+                      teacher_from_batch=True)
+    data = _data()
+    tv = _teacher_vars(d_online.teacher, data["x"])
+    from kdjax.train import predict
+    pre = dict(data, teacher_logits=predict(lambda x: d_online.teacher.apply(tv, x), data["x"]))
+    a, _, _ = fit(d_online, d_online.init(0, data["x"][:2], tv), tv, data, epochs=2,
+                  batch_size=32, progress=False)
+    b, _, _ = fit(d_pre, d_pre.init(0, data["x"][:2], tv), None, pre, epochs=2, batch_size=32,
+                  progress=False)
+    np.testing.assert_allclose(_flat(a.params), _flat(b.params), rtol=1e-5, atol=1e-6)
