@@ -1,0 +1,295 @@
+"""Uniform KD vs KD-AIF (influence-weighted distillation, arXiv 2501.02705).
+
+    python -m experiments.kd_aif [--config=digits] [--config.key=value ...]
+
+Reads top to bottom: config -> data -> teacher (cached; for ``semi`` one trained on the
+labelled subset only) -> per setting (clean / noisy / semi) the distillation data ->
+per seed: uniform KD, KD-AIF one-shot (score the uniform student, retrain with fixed
+weights) and periodic (re-score every K epochs), each mapping (exp-minmax / sigmoid) ->
+model selection on validation -> test metrics and the AUROC of the weights for
+separating bad points (corrupted, or teacher-wrong) from good ones -> table, JSON lines,
+weight histograms. Rows are keyed by the config hash and skipped on rerun; every run
+checkpoints, so a killed job resumes where it stopped.
+
+KD-AIF weights differ per seed, and the engine vmaps seeds over *shared* data, so the
+seeds of a run train one after the other here (uniform runs too, for a paired
+comparison: the same initialisation and batch order per seed).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from experiments.distill import labelled_subset, load_data
+from kdjax import kd_aif, methods, models
+from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.influence import influence_weights
+from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_optimizer, predict
+from kdjax.train import results as R
+from kdjax.train.engine import evaluate
+from kdjax.train.teacher import get_teacher, teacher_apply
+
+METRICS = ("test_accuracy", "test_agreement", "auroc", "val_accuracy")
+
+
+def auroc(weights: np.ndarray, bad: np.ndarray) -> float:
+    """P(weight of a good point > weight of a bad point) (ties count 1/2); NaN if a class
+    is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    bad = np.asarray(bad, bool)
+    if bad.all() or not bad.any():
+        return float("nan")
+    return float(roc_auc_score(~bad, np.asarray(weights)))
+
+
+def build_setting(cfg, setting, train, val, test, teachers):
+    """Distillation data, validation data and the 'bad point' mask of one setting."""
+    module, tvars = teachers["full"]
+    if setting == "semi":
+        module, tvars = teachers["semi"]
+    t_apply = teacher_apply(module, tvars)
+    logits = {k: predict(t_apply, d.x, 512) for k, d in
+              (("train", train), ("val", val), ("test", test))}
+    t_test = evaluate(logits["test"], test.y)["accuracy"]
+    val_d = {"x": val.x, "y": val.y}
+    eval_val = EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])
+    ce_scale = 1.0
+    if setting == "semi":
+        mask = teachers["semi_mask"]
+        data = kd_aif.semi_supervised_data(train.x, train.y, mask, logits["train"])
+        bad = ~mask & (np.argmax(logits["train"], -1) != train.y)  # wrong pseudo-labels
+        n = cfg.semi.val_size
+        val_d = {"x": val.x[:n], "y": val.y[:n]}
+        eval_val = EvalSet(x=val.x[:n], y=val.y[:n], teacher_logits=logits["val"][:n])
+        ce_scale = 1.0 / float(mask.mean())
+    else:
+        data = {"x": train.x, "y": train.y, "teacher_logits": logits["train"]}
+        bad = np.argmax(logits["train"], -1) != train.y              # teacher errors
+        if setting == "noisy":
+            if cfg.noise.kind == "teacher":
+                data["teacher_logits"], bad = kd_aif.corrupt_teacher_logits(
+                    logits["train"], cfg.noise.fraction, cfg.noise.seed)
+            else:
+                data["y"], bad = kd_aif.flip_labels(train.y, cfg.noise.fraction,
+                                                    train.num_classes, cfg.noise.seed)
+    return {"data": data, "val": val_d, "eval_val": eval_val, "bad": bad,
+            "ce_scale": ce_scale, "test_logits": logits["test"], "teacher_test": t_test}
+
+
+def run_setting(cfg, setting, S, train, test, ckpt_dir, w_dir, done):
+    """All runs and seeds of one setting; returns the result rows."""
+    o = cfg.objective
+    built = (methods.build({"name": "ce", "weight": o.ce_weight}),
+             methods.build({"name": "kd", "weight": o.kd_weight, "temperature": o.temperature}))
+    b = cfg.student.batch_size
+    steps = len(S["data"]["x"]) // b
+    epochs = cfg.student.epochs
+    tx = make_optimizer(cfg.student.optimizer, total_steps=epochs * steps,
+                        steps_per_epoch=steps)
+    student = models.create(cfg.student.model, train.num_classes,
+                            **cfg.student.model_kwargs.to_dict())
+    distiller = Distiller(student, built, tx, teacher_from_batch=True)
+    objective = functools.partial(kd_aif.distill_losses, ce_weight=o.ce_weight,
+                                  kd_weight=o.kd_weight, temperature=o.temperature,
+                                  ce_scale=S["ce_scale"])
+    inf = cfg.influence
+    scorer = kd_aif.make_scorer(distiller, S["data"], S["val"], objective=objective,
+                                curvature=inf.curvature,
+                                curvature_examples=inf.curvature_examples,
+                                damping=inf.damping, maxiter=inf.maxiter)
+    every = max(1, epochs // cfg.student.evaluations)
+    fit_kw = dict(batch_size=b, eval_sets={"val": S["eval_val"]}, eval_every=every,
+                  checkpoint_every=every, progress=cfg.progress)
+    rows = []
+    for seed in range(cfg.seeds):
+        todo = [r for r in cfg.runs if (setting, r, seed) not in done]
+        if not todo:
+            continue
+        d = os.path.join(ckpt_dir, setting, str(seed))
+        # fit donates its state: a fresh (identical) initial state for every run
+        init = functools.partial(distiller.init, seed, train.x[:2])
+        results = {}
+        uniform_state = None
+        if "uniform" in todo or any(r.startswith("oneshot") for r in todo):
+            uniform_state, best, _ = fit(distiller, init(), None, S["data"], epochs=epochs,
+                                         select_on="val", desc=f"{setting} uniform",
+                                         checkpointer=Checkpointer(os.path.join(d, "uniform")),
+                                         **fit_kw)
+            results["uniform"] = (best, np.ones(len(S["bad"]), np.float32))
+        scores = None
+        for run in todo:
+            kind, _, mapping = run.partition("_")
+            mapping = {"exp": "exp_minmax", "sigmoid": "sigmoid"}.get(mapping)
+            if kind == "oneshot":
+                if scores is None:
+                    scores = scorer(uniform_state)
+                w = influence_weights(scores, mapping, inf.temperature)
+                _, best, _ = fit(distiller, init(), None, kd_aif.with_weights(S["data"], w),
+                                 epochs=epochs, select_on="val", desc=f"{setting} {run}",
+                                 checkpointer=Checkpointer(os.path.join(d, run)), **fit_kw)
+                results[run] = (best, np.asarray(w))
+            elif kind == "periodic":
+                _, best, _, log = kd_aif.fit_periodic(
+                    distiller, init(), None, S["data"], scorer, epochs=epochs,
+                    rescore_every=inf.rescore_every, mapping=mapping,
+                    temperature=inf.temperature, checkpoint_dir=os.path.join(d, run),
+                    select_on="val", desc=f"{setting} {run}", **fit_kw)
+                w = log[-1][1]
+                results[run] = (best, np.ones(len(S["bad"]), np.float32) if w is None
+                                else np.asarray(w))
+        for run in todo:
+            best, w = results[run]
+            variables = {"params": best["params"]}
+            if best["batch_stats"]:
+                variables["batch_stats"] = best["batch_stats"]
+            m = evaluate(predict(teacher_apply(student, variables), test.x, 512), test.y,
+                         S["test_logits"])
+            bad = S["bad"]
+            np.savez(os.path.join(w_dir, f"{setting}_{run}_{seed}.tmp.npz"), weights=w,
+                     bad=bad)
+            os.replace(os.path.join(w_dir, f"{setting}_{run}_{seed}.tmp.npz"),
+                       os.path.join(w_dir, f"{setting}_{run}_{seed}.npz"))
+            rows.append({
+                "setting": setting, "run": run, "seed": seed,
+                "test_accuracy": m["accuracy"], "test_agreement": m["agreement"],
+                "test_ece": m["ece"], "val_accuracy": best["metrics"]["val"]["accuracy"],
+                "best_epoch": best["epoch"], "auroc": auroc(w, bad) if run != "uniform"
+                else float("nan"),
+                "mean_weight_bad": float(w[bad].mean()) if bad.any() else float("nan"),
+                "mean_weight_good": float(w[~bad].mean()) if (~bad).any() else float("nan"),
+                "bad_fraction": float(bad.mean()), "teacher_test_accuracy": S["teacher_test"],
+                "epochs": epochs, "global_batch_size": b, "train_examples": len(bad),
+            })
+    return rows
+
+
+def plot_weights(w_dir, rows, path):
+    """Histograms of the weights of bad vs good points, one panel per (setting, run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["setting"], r["run"]) for r in rows if r["run"] != "uniform"})
+    if not panels:
+        return
+    settings = sorted({s for s, _ in panels})
+    runs = sorted({r for _, r in panels})
+    fig, axes = plt.subplots(len(settings), len(runs), squeeze=False,
+                             figsize=(3.2 * len(runs), 2.6 * len(settings)))
+    for i, s in enumerate(settings):
+        for j, r in enumerate(runs):
+            ax = axes[i][j]
+            files = [os.path.join(w_dir, f) for f in sorted(os.listdir(w_dir))
+                     if f.startswith(f"{s}_{r}_") and f.endswith(".npz")
+                     and not f.endswith(".tmp.npz")]
+            if not files:
+                ax.axis("off")
+                continue
+            arrs = [np.load(f) for f in files]
+            w = np.concatenate([a["weights"] for a in arrs])
+            bad = np.concatenate([a["bad"] for a in arrs]).astype(bool)
+            bins = np.linspace(w.min(), w.max() + 1e-6, 40)
+            ax.hist(w[~bad], bins, alpha=0.6, density=True, label="good")
+            if bad.any():
+                ax.hist(w[bad], bins, alpha=0.6, density=True, label="bad")
+            ax.set_title(f"{s} / {r}", fontsize=9)
+            ax.set_xlabel("weight")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    variant = "mnist1d"
+    for a in list(argv):
+        if a.startswith("--config="):
+            variant = a.split("=", 1)[1]
+            argv.remove(a)
+    overrides, rest = parse_cli(argv)
+    if rest:
+        raise SystemExit(f"unknown arguments {rest}; use --config=<variant> and "
+                         "--config.<key>=<value>.")
+    cfg = load_config("experiments.configs.kd_aif", overrides, arg=variant)
+    t0 = time.time()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    meta = R.run_metadata()
+    print(f"kdjax kd_aif: {cfg.dataset.name}, settings {list(cfg.settings)}, {cfg.seeds} "
+          f"seeds, {meta['device_kind']}, jax {meta['jax_version']}, "
+          f"rev {meta['git_revision']}")
+
+    train, val, test = load_data(cfg)
+    data_cfg = {"dataset": cfg.dataset.to_dict()}
+    teachers = {}
+    module, tvars, tmeta = get_teacher(cfg.teacher, data_cfg, {"x": train.x, "y": train.y},
+                                       {"x": val.x, "y": val.y}, train.num_classes,
+                                       cache_dir=cfg.cache_dir, progress=cfg.progress)
+    teachers["full"] = (module, tvars)
+    if "semi" in cfg.settings:
+        mask = labelled_subset(train.y, cfg.semi.labelled, train.num_classes)
+        n = cfg.semi.val_size
+        semi_teacher = cfg.teacher.to_dict()    # same steps budget order, small set
+        semi_teacher.update(epochs=cfg.semi.teacher_epochs,
+                            batch_size=min(cfg.teacher.batch_size, int(mask.sum())))
+        sm, sv, _ = get_teacher(semi_teacher, {**data_cfg, "labelled": cfg.semi.labelled,
+                                              "val_size": n},
+                                {"x": train.x[mask], "y": train.y[mask]},
+                                {"x": val.x[:n], "y": val.y[:n]}, train.num_classes,
+                                cache_dir=cfg.cache_dir, progress=cfg.progress)
+        teachers["semi"], teachers["semi_mask"] = (sm, sv), mask
+
+    results_path = os.path.join(cfg.out_dir, "results.jsonl")
+    cfg_key = config_hash({k: v for k, v in cfg.to_dict().items()
+                           if k not in ("out_dir", "cache_dir", "progress", "settings",
+                                        "runs", "seeds")})
+    old = [r for r in R.read_jsonl(results_path) if r.get("config_hash") == cfg_key]
+    done = {(r["setting"], r["run"], r["seed"]) for r in old}
+    w_dir = os.path.join(cfg.out_dir, "weights", cfg_key)
+    os.makedirs(w_dir, exist_ok=True)
+    header_lines = []
+    for setting in cfg.settings:
+        S = build_setting(cfg, setting, train, val, test, teachers)
+        header_lines.append(f"{setting}: teacher test accuracy "
+                            f"{100 * S['teacher_test']:.2f}%, bad points "
+                            f"{100 * S['bad'].mean():.1f}% of {len(S['bad'])}")
+        rows = run_setting(cfg, setting, S, train, test,
+                           os.path.join(cfg.out_dir, "ckpt", cfg_key), w_dir, done)
+        for r in rows:
+            r.update(config_hash=cfg_key, dataset=cfg.dataset.name, config=cfg.to_dict(),
+                     **meta)
+        R.append_jsonl(results_path, rows)
+
+    rows = [r for r in R.read_jsonl(results_path) if r.get("config_hash") == cfg_key
+            and r["setting"] in cfg.settings and r["run"] in cfg.runs
+            and r["seed"] < cfg.seeds]
+    summary = R.summarize(rows, ["setting", "run"], METRICS)
+    order = {(s, r): (i, j) for i, s in enumerate(cfg.settings) for j, r in enumerate(cfg.runs)}
+    summary.sort(key=lambda s: order[(s["setting"], s["run"])])
+    table = R.markdown_table(summary, ["setting", "run"], METRICS)
+    header = (f"KD-AIF on {cfg.dataset.name}; student {cfg.student.model} "
+              f"{tuple(cfg.student.model_kwargs.channels)}, {cfg.student.epochs} epochs, "
+              f"curvature {cfg.influence.curvature}; mean +- std over seeds (in %). AUROC: "
+              f"weights separating good from bad points (noisy: corrupted, "
+              f"{cfg.noise.kind} x{cfg.noise.fraction}; clean: teacher-wrong; semi: wrong "
+              f"pseudo-labels); nan for uniform weights.\n" + "\n".join(header_lines)
+              + "\n\n")
+    R.atomic_write_text(os.path.join(cfg.out_dir, "results.md"), header + table + "\n")
+    plot_weights(w_dir, rows, os.path.join(cfg.out_dir, "weights.png"))
+    print("\n" + header + table)
+    print(f"\nwrote {cfg.out_dir}/results.jsonl, results.md, weights.png in "
+          f"{time.time() - t0:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
