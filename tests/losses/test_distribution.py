@@ -404,7 +404,8 @@ def test_bad_inputs_raise_with_names():
         D.conditional(D.mmd, X, Y, LABELS, num_classes=2)
     with pytest.raises(ValueError, match="differentiation must be one of"):
         D.sinkhorn(X, Y, differentiation="auto")
-    with pytest.raises(ValueError, match=r"relative_to must be one of \['mean', 'std'\], got 'max'"):
+    with pytest.raises(ValueError,
+                       match=r"relative_to must be one of \['mean', 'std'\], got 'max'"):
         D.sinkhorn_divergence(X, Y, relative_to="max")
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         D.gaussian_w2(jnp.ones((4, 2), jnp.int32), Y[:4, :2])
