@@ -269,6 +269,8 @@ def _flatten_eqn(g: _Graph, eqn, ins):
             raise _unsupported(name, eqn, "call without an inner jaxpr")
         jaxpr, consts = sub
         return _flatten(g, jaxpr, [g.const(c) for c in consts], ins)
+    if name in _IDENTITY:  # also on constants: stop_gradient(params) keeps their CSE key
+        return [ins[0]]
     if all(isinstance(a, _C) for a in ins):
         return g.fold(prim, params, ins)
     if prim.multiple_results:
@@ -278,8 +280,6 @@ def _flatten_eqn(g: _Graph, eqn, ins):
     layer = _layer_name(eqn)
     var = [isinstance(a, int) for a in ins]
 
-    if name in _IDENTITY:
-        return [ins[0]]
     if name in _STRUCTURAL or name in _ADDITIVE:
         if name == "select_n" and var[0]:
             raise _unsupported(name, eqn, "input-dependent predicate")
