@@ -44,6 +44,15 @@ __all__ = [
 # `checkify.check` cannot be staged out by jit).
 _CHECKIFY_ACTIVE = contextvars.ContextVar("kdjax_checkify_active", default=False)
 
+# The same flag as a jit-cache-sensitive context: JAX's tracing cache is keyed on the
+# function and the argument types, not on ``_CHECKIFY_ACTIVE``. Without this, a
+# ``checked(jax.jit(loss))`` call would leave a trace containing ``checkify.check`` in
+# the cache of ``loss`` and a later plain ``jax.jit(loss)`` call with the same shapes
+# would fail ("Cannot abstractly evaluate a checkify.check which was not
+# functionalized"); the other order would silently drop kdjax's value checks.
+_make_user_context = getattr(jax, "make_user_context", None)
+_CHECKIFY_JIT_KEY = _make_user_context(False) if _make_user_context is not None else None
+
 
 def checked(fn: Callable, errors=checkify.user_checks | checkify.nan_checks) -> Callable:
     """Opt-in runtime checks inside compiled code (``jax.experimental.checkify``).
@@ -59,7 +68,10 @@ def checked(fn: Callable, errors=checkify.user_checks | checkify.nan_checks) -> 
     def wrapper(*args, **kwargs):
         token = _CHECKIFY_ACTIVE.set(True)
         try:
-            return checked_fn(*args, **kwargs)
+            if _CHECKIFY_JIT_KEY is None:
+                return checked_fn(*args, **kwargs)
+            with _CHECKIFY_JIT_KEY(True):
+                return checked_fn(*args, **kwargs)
         finally:
             _CHECKIFY_ACTIVE.reset(token)
 

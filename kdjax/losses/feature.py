@@ -153,6 +153,7 @@ def attention_map(feature: chex.Array, p: float = 2.0) -> chex.Array:
     ``p`` is defined for negative activations; identical for even ``p``).
     """
     check_float_array(feature, "feature", ndim=(3, 4))
+    check_positive(p, "p")
     f = feature.astype(jnp.float32)
     a = jnp.mean(jnp.abs(f) ** p, axis=-1)
     return _l2_normalize(_flat(a))

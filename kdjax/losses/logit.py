@@ -42,6 +42,8 @@ def kl_to_teacher(student_logits: chex.Array, teacher_logits: chex.Array,
 
     Computed from log-softmaxes (stable for large logits); ``0 * log 0`` terms are 0.
     """
+    _check_logit_pair(student_logits, teacher_logits)
+    check_positive(temperature, "temperature")
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     p_t = jnp.exp(t)
