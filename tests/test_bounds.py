@@ -175,6 +175,12 @@ def test_identical_networks_difference_is_exactly_zero():
     for lo, up in (ibp_bounds(joint, x, 0.3, C=C), crown_bounds(joint, x, 0.3, C=C),
                    crown_bounds(joint, x, 0.3, C=C, intermediate="ibp")):
         assert bool(jnp.all(lo == 0.0)) and bool(jnp.all(up == 0.0))
+    # stop_gradient on the parameters (a teacher held constant) keeps them identical
+    sg = jax.lax.stop_gradient
+    joint_sg = lambda z: jnp.concatenate([module.apply(sg(v), z)[0], module.apply(v, z)[0]],
+                                         -1)
+    for lo, up in (ibp_bounds(joint_sg, x, 0.3, C=C), crown_bounds(joint_sg, x, 0.3, C=C)):
+        assert bool(jnp.all(lo == 0.0)) and bool(jnp.all(up == 0.0))
     # whereas a different student gives a non-trivial interval
     v2 = module.init(jax.random.key(9), x)
     joint2 = lambda z: jnp.concatenate([module.apply(v, z)[0], module.apply(v2, z)[0]], -1)
