@@ -52,7 +52,7 @@ class Method:
       needs_models: when True the engine also passes ``models=(student_fn,
         teacher_fn)``, two functions ``x -> (logits, features)`` (student with the
         parameters being differentiated and its BatchNorm in eval mode; teacher in eval
-        mode under ``stop_gradient``), for losses that evaluate the networks at other
+        mode with ``stop_gradient`` on its parameters, so input gradients flow), for losses that evaluate the networks at other
         inputs (adversarial distillation, faithfulness penalties).
       pretrain_loss: optional initialisation stage (FT paraphraser, AB, FSP in the
         reference code): same signature as ``loss``; before distillation the engine

@@ -174,7 +174,10 @@ class Distiller:
                 return out[0].astype(jnp.float32), out[1]
 
             def teacher_fn(xs):
-                out = self._teacher_out(teacher_vars, xs)
+                # stop_gradient on the teacher's *parameters*, not its output, so that
+                # input gradients through the teacher exist (PGD on teacher-student gaps)
+                out = self.teacher.apply(jax.lax.stop_gradient(teacher_vars),
+                                         xs.astype(self.compute_dtype), train=False)
                 return out[0].astype(jnp.float32), out[1]
 
             models = (student_fn, teacher_fn)
