@@ -13,6 +13,16 @@ VID, AB, FSP: RepDistiller uses every stage) take every feature name present in 
 with a spatial rank (3 or 4) except ``"pooled"``; ``"last"`` methods (FitNet, SP, FT)
 take the last such name in sorted order (RepDistiller's ``feat[-2]``), falling back to
 ``"pooled"``; embedding methods (RKD, PKT, CC, CRD) use ``[["pooled", "pooled"]]``.
+
+Initialisation stage (AB, FT, FSP, ``pretrain_loss``): run by
+:func:`kdjax.train.pretrain.pretrain` for ``pretrain_epochs`` epochs before
+distillation; ``pretrain_student`` says whether the stage also trains the student's
+feature layers (RepDistiller: yes for AB and FSP, no for FT); FT's ``pretrain_params``
+limits the stage to its paraphraser (the translator is trained in distillation only).
+
+DKD's linear warm-up (mdistiller: 20 epochs): option ``warmup_steps`` (0 = off); the
+method then keeps its own step counter in its state and scales its loss by
+``min((step + 1) / warmup_steps, 1)``, with no change to the engine.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from kdjax.losses.feature import match_spatial
 from kdjax.methods import Method, register, stateless
 from kdjax.models import adapters
 
-__all__ = ["resolve_pairs"]
+__all__ = ["resolve_pairs", "NAMES"]
 
 _sg = jax.lax.stop_gradient
 
@@ -97,10 +107,37 @@ def _split(rng, n):
 
 # --- logit methods ------------------------------------------------------------------
 
-def _dkd(params, s_out, t_out, batch, alpha, beta, temperature, standardize):
-    del params
-    return losses.dkd(s_out[0], _sg(t_out[0]), batch["y"], alpha, beta, temperature,
+def _check_warmup(warmup_steps):
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"dkd: warmup_steps must be an int >= 0, got {warmup_steps!r}.")
+
+
+def _dkd_init(rng, s_out, t_out, alpha, beta, temperature, standardize, warmup_steps):
+    """State: the step counter of the warm-up (``None`` without warm-up)."""
+    del rng, s_out, t_out, alpha, beta, temperature, standardize
+    _check_warmup(warmup_steps)
+    return {}, ({"step": jnp.zeros((), jnp.int32)} if warmup_steps else None)
+
+
+def _dkd(params, state, s_out, t_out, batch, rng, alpha, beta, temperature, standardize,
+         warmup_steps):
+    """DKD; with ``warmup_steps > 0`` the loss is scaled by ``min((t + 1) / warmup_steps,
+    1)`` at the method's own step ``t`` (0-based, counted in its state), mdistiller's
+    linear warm-up ``min(epoch / warmup, 1)`` (epochs from 1, 20 epochs) per step:
+    set ``warmup_steps = 20 * steps_per_epoch`` for the reference schedule. The term
+    reported by the engine is the scaled value."""
+    del params, rng
+    _check_warmup(warmup_steps)
+    loss = losses.dkd(s_out[0], _sg(t_out[0]), batch["y"], alpha, beta, temperature,
                       weights=_weights(batch), standardize=standardize)
+    if not warmup_steps:
+        return loss, state
+    if not isinstance(state, Mapping) or "step" not in state:
+        raise ValueError(f"dkd: warmup_steps={warmup_steps} needs the step-counter state "
+                         f"from init, got state {state!r}.")
+    step = state["step"]
+    scale = jnp.minimum((step + 1).astype(jnp.float32) / warmup_steps, 1.0)
+    return scale * loss, {"step": step + 1}
 
 
 def _kd_ls(params, s_out, t_out, batch, temperature):
@@ -256,16 +293,16 @@ def _pkt(params, s_out, t_out, batch, pairs):
 
 # --- AB -------------------------------------------------------------------------------
 
-def _ab_init(rng, s_out, t_out, pairs, margin, pretrain_epochs):
-    del margin, pretrain_epochs
+def _ab_init(rng, s_out, t_out, pairs, margin, pretrain_epochs, pretrain_student):
+    del margin, pretrain_epochs, pretrain_student
     params = {}
     for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "all"), _split(rng, 64)):
         params[key] = adapters.ABConnector(ft.shape[-1]).init(r, fs)["params"]
     return params, None
 
 
-def _ab(params, s_out, t_out, batch, pairs, margin, pretrain_epochs):
-    del pretrain_epochs
+def _ab(params, s_out, t_out, batch, pairs, margin, pretrain_epochs, pretrain_student):
+    del pretrain_epochs, pretrain_student
     items = list(_pair_iter(pairs, s_out, t_out, "all"))
     n = len(items)
     total = 0.0
@@ -285,8 +322,9 @@ def _ft_modules(ft, rate):
     return adapters.Paraphraser(rate), adapters.Translator(ft.shape[-1], rate)
 
 
-def _ft_init(rng, s_out, t_out, pairs, rate, p, pretrain_epochs):
-    del p, pretrain_epochs
+def _ft_init(rng, s_out, t_out, pairs, rate, p, pretrain_epochs, pretrain_student,
+             pretrain_params):
+    del p, pretrain_epochs, pretrain_student, pretrain_params
     params = {}
     for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "last"), _split(rng, 64)):
         rp, rt = jax.random.split(r)
@@ -296,8 +334,9 @@ def _ft_init(rng, s_out, t_out, pairs, rate, p, pretrain_epochs):
     return params, None
 
 
-def _ft(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs):
-    del pretrain_epochs
+def _ft(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs, pretrain_student,
+        pretrain_params):
+    del pretrain_epochs, pretrain_student, pretrain_params
     total = 0.0
     for key, fs, ft in _pair_iter(pairs, s_out, t_out, "last"):
         _check_params(params, key, "ft")
@@ -309,9 +348,10 @@ def _ft(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs):
     return total
 
 
-def _ft_pretrain(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs):
+def _ft_pretrain(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs,
+                 pretrain_student, pretrain_params):
     """Paraphraser reconstruction of the teacher feature (MSE, RepDistiller init stage)."""
-    del p, pretrain_epochs
+    del p, pretrain_epochs, pretrain_student, pretrain_params
     total = 0.0
     for key, fs, ft in _pair_iter(pairs, s_out, t_out, "last"):
         _check_params(params, key, "ft")
@@ -323,8 +363,8 @@ def _ft_pretrain(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs):
 
 # --- FSP ------------------------------------------------------------------------------
 
-def _fsp(params, s_out, t_out, batch, pairs, pretrain_epochs):
-    del params, pretrain_epochs
+def _fsp(params, s_out, t_out, batch, pairs, pretrain_epochs, pretrain_student):
+    del params, pretrain_epochs, pretrain_student
     items = list(_pair_iter(pairs, s_out, t_out, "all"))
     if len(items) < 2:
         raise ValueError(f"fsp needs >= 2 feature pairs (FSP matrices join consecutive "
@@ -333,8 +373,9 @@ def _fsp(params, s_out, t_out, batch, pairs, pretrain_epochs):
                for a, b in zip(items[:-1], items[1:]))
 
 
-register(Method("dkd", stateless(_dkd),
-                options={"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "standardize": False},
+register(Method("dkd", _dkd, init=_dkd_init,
+                options={"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "standardize": False,
+                         "warmup_steps": 0},
                 default_weight=1.0, needs_labels=True,
                 doc="decoupled KD, tau^2 (alpha TCKD + beta NCKD) (Zhao et al. 2022)"))
 register(Method("kd_ls", stateless(_kd_ls), options={"temperature": 4.0},
@@ -368,13 +409,20 @@ register(Method("crd", _crd, init=_crd_init,
                 default_weight=0.8,
                 doc="contrastive representation distillation (queue_size=0: in-batch)"))
 register(Method("ab", stateless(_ab), init=_ab_init,
-                options={"pairs": None, "margin": 1.0, "pretrain_epochs": 30},
+                options={"pairs": None, "margin": 1.0, "pretrain_epochs": 30,
+                         "pretrain_student": True},
                 default_weight=1.0, pretrain_loss=stateless(_ab),
                 doc="activation boundaries hinge with 1x1 connectors"))
 register(Method("ft", stateless(_ft), init=_ft_init,
-                options={"pairs": None, "rate": 0.5, "p": 1, "pretrain_epochs": 30},
+                options={"pairs": None, "rate": 0.5, "p": 1, "pretrain_epochs": 30,
+                         "pretrain_student": False, "pretrain_params": ("paraphraser",)},
                 default_weight=200.0, pretrain_loss=stateless(_ft_pretrain),
                 doc="factor transfer (paraphraser pre-trained, translator L1)"))
-register(Method("fsp", stateless(_fsp), options={"pairs": None, "pretrain_epochs": 30},
+register(Method("fsp", stateless(_fsp),
+                options={"pairs": None, "pretrain_epochs": 30, "pretrain_student": True},
                 default_weight=50.0, pretrain_loss=stateless(_fsp),
                 doc="flow of solution procedure matrices between consecutive layers"))
+
+#: The methods this module registers (the classic zoo, METHODS.md section 1).
+NAMES = ("dkd", "kd_ls", "dist", "fitnet", "at", "nst", "sp", "cc", "vid", "rkd", "pkt",
+         "crd", "ab", "ft", "fsp")

@@ -66,13 +66,37 @@ def test_defaults_are_the_reference_ones():
             "dkd": 1.0}
     assert {k: methods.get(k).default_weight for k in want} == want
     assert methods.get("dkd").options == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0,
-                                         "standardize": False}
+                                         "standardize": False, "warmup_steps": 0}
     assert methods.get("crd").options["temperature"] == 0.07
     assert methods.get("crd").options["queue_size"] == 16384
     assert methods.get("rkd").options["distance_weight"] == 25.0
-    for name in ("ab", "ft", "fsp"):
+    for name, trains_student in (("ab", True), ("ft", False), ("fsp", True)):
         assert methods.get(name).pretrain_loss is not None
-        assert "pretrain_epochs" in methods.get(name).options
+        assert methods.get(name).options["pretrain_epochs"] == 30
+        assert methods.get(name).options["pretrain_student"] is trains_student
+    assert set(zoo.NAMES) == set(ZOO)
+
+
+def test_dkd_linear_warmup_scales_by_its_own_step_counter():
+    plain = float(losses.dkd(S_OUT[0], T_OUT[0], BATCH["y"]))
+    m0 = methods.build({"name": "dkd"})
+    assert m0.init(jax.random.key(0), S_OUT, T_OUT) == ({}, None)   # no warm-up: no state
+    np.testing.assert_allclose(m0({}, None, S_OUT, T_OUT, BATCH, None)[0], plain, rtol=1e-6)
+    m = methods.build({"name": "dkd", "warmup_steps": 4})
+    params, state = m.init(jax.random.key(0), S_OUT, T_OUT)
+    step = jax.jit(lambda st: m(params, st, S_OUT, T_OUT, BATCH, None))
+    got = []
+    for _ in range(6):
+        loss, state = step(state)
+        got.append(float(loss))
+    # mdistiller: min(epoch / warmup, 1) with epochs from 1; here per step
+    np.testing.assert_allclose(got, [plain * f for f in (0.25, 0.5, 0.75, 1, 1, 1)],
+                               rtol=1e-5)
+    assert int(state["step"]) == 6
+    with pytest.raises(ValueError, match="needs the step-counter state"):
+        m(params, None, S_OUT, T_OUT, BATCH, None)
+    with pytest.raises(ValueError, match="dkd: warmup_steps must be an int >= 0"):
+        methods.build({"name": "dkd", "warmup_steps": -1}).init(None, S_OUT, T_OUT)
 
 
 def test_method_values_equal_the_losses():
