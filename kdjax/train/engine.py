@@ -258,6 +258,23 @@ class Distiller:
         """``x -> (logits, features)`` of the student in eval mode."""
         return lambda x: self._student_out(state.params, state.batch_stats, x, False)[0]
 
+    def predict(self, state: TrainState, x: np.ndarray, batch_size: int = 512,
+                mesh: Mesh | None = None) -> np.ndarray:
+        """Student logits over ``x`` (eval mode), batched and padded like :func:`predict`.
+
+        The compiled program is cached per (batch size, mesh), so repeated evaluations
+        during training do not recompile.
+        """
+        _check_batch_size(batch_size)
+        cache = self.__dict__.setdefault("_predict_cache", {})
+        key = (batch_size, id(mesh))
+        if key not in cache:
+            apply = lambda v, xb: self._student_out(v[0], v[1], xb, False)[0]
+            cache[key] = jax.jit(_batched_logits(apply, mesh))
+        xs = _pad_batches(x, batch_size, mesh)
+        out = np.asarray(cache[key]((state.params, state.batch_stats), xs))
+        return out.reshape(-1, out.shape[-1])[: x.shape[0]]
+
 
 def _pad_to(x: np.ndarray, multiple: int):
     n = x.shape[0]
@@ -266,31 +283,42 @@ def _pad_to(x: np.ndarray, multiple: int):
     return np.pad(x, pad)
 
 
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+
+
+def _batched_logits(apply_fn: Callable, mesh: Mesh | None):
+    """``run(variables, xs[steps, B, ...]) -> logits[steps, B, C]`` (not jitted)."""
+    def run(variables, xs):
+        def body(_, xb):
+            if mesh is not None:
+                xb = jax.lax.with_sharding_constraint(xb, data_sharding(mesh))
+            return None, apply_fn(variables, xb)[0].astype(jnp.float32)
+        return jax.lax.scan(body, None, xs)[1]
+    return run
+
+
+def _pad_batches(x, batch_size: int, mesh: Mesh | None):
+    if mesh is not None:
+        batch_size = int(math.ceil(batch_size / mesh.devices.size) * mesh.devices.size)
+    return _pad_to(np.asarray(x), batch_size).reshape(-1, batch_size, *x.shape[1:])
+
+
 def predict(apply_fn: Callable, x: np.ndarray, batch_size: int = 512,
             mesh: Mesh | None = None) -> np.ndarray:
     """Logits of ``apply_fn(x_batch) -> (logits, features)`` over ``x``, batched.
 
     The input is padded to a multiple of ``batch_size`` (padding rows are dropped from
-    the result). With a mesh, batches are sharded over ``"data"``.
+    the result). With a mesh, batches are sharded over ``"data"``. ``apply_fn`` is a
+    closure, so each call compiles once: use it for one-off predictions (a teacher's
+    logits); :meth:`Distiller.predict` reuses one compiled program across evaluations.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    n = x.shape[0]
-    if mesh is not None:
-        batch_size = int(math.ceil(batch_size / mesh.devices.size) * mesh.devices.size)
-    xp = _pad_to(np.asarray(x), batch_size).reshape(-1, batch_size, *x.shape[1:])
-
-    @jax.jit
-    def run(xs):
-        def body(_, xb):
-            if mesh is not None:
-                xb = jax.lax.with_sharding_constraint(xb, data_sharding(mesh))
-            return None, apply_fn(xb)[0].astype(jnp.float32)
-        return jax.lax.scan(body, None, xs)[1]
-
-    out = np.asarray(run(xp))
-    return out.reshape(-1, out.shape[-1])[:n]
+    _check_batch_size(batch_size)
+    run = jax.jit(_batched_logits(lambda _, xb: apply_fn(xb), mesh))
+    out = np.asarray(run(None, _pad_batches(x, batch_size, mesh)))
+    return out.reshape(-1, out.shape[-1])[: x.shape[0]]
 
 
 def evaluate(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None,

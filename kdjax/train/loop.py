@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from kdjax.train.checkpoint import Checkpointer
-from kdjax.train.engine import Distiller, TrainState, evaluate, predict, replicate
+from kdjax.train.engine import Distiller, TrainState, evaluate, replicate
 
 __all__ = ["EvalSet", "fit"]
 
@@ -36,9 +36,8 @@ def _seed_slice(tree, s: int | None):
 
 def _evaluate_state(distiller: Distiller, state: TrainState, eval_sets, batch_size, mesh):
     out = {}
-    apply = distiller.student_apply(state)
     for name, es in eval_sets.items():
-        logits = predict(apply, es["x"], batch_size, mesh)
+        logits = distiller.predict(state, es["x"], batch_size, mesh)
         out[name] = evaluate(logits, es["y"], es.get("teacher_logits"), es.get("groups"),
                              es.get("num_groups", 0))
     return out

@@ -249,3 +249,17 @@ def test_precomputed_teacher_logits_equal_online_teacher():
     b, _, _ = fit(d_pre, d_pre.init(0, data["x"][:2], tv), None, pre, epochs=2, batch_size=32,
                   progress=False)
     np.testing.assert_allclose(_flat(a.params), _flat(b.params), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_does_not_recompile_across_epochs():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32, progress=False,
+        eval_sets={"val": EvalSet(x=data["x"][:100], y=data["y"][:100])})
+    (compiled,) = d.__dict__["_predict_cache"].values()
+    assert compiled._cache_size() == 1
+    from kdjax.train import predict
+    st = d.init(0, data["x"][:2], tv)
+    ref = predict(d.student_apply(st), data["x"][:100], 64)
+    np.testing.assert_allclose(d.predict(st, data["x"][:100], 64), ref, rtol=1e-6)
