@@ -248,11 +248,16 @@ class Distiller:
     def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
                   index_fn=None):
         """Jitted epoch with the state donated; ``num_seeds > 0`` vmaps over a leading
-        seed axis of the state (seeds as one program)."""
-        fn = self.epoch_fn(batch_size, mesh, index_fn)
-        if num_seeds:
-            fn = jax.vmap(fn, in_axes=(0, None, None))
-        return jax.jit(fn, donate_argnums=(0,))
+        seed axis of the state (seeds as one program). Cached per distiller and
+        arguments, so repeated ``fit`` calls reuse the compiled program."""
+        cache = self.__dict__.setdefault("_epoch_cache", {})
+        key = (batch_size, id(mesh), num_seeds, id(index_fn))
+        if key not in cache:
+            fn = self.epoch_fn(batch_size, mesh, index_fn)
+            if num_seeds:
+                fn = jax.vmap(fn, in_axes=(0, None, None))
+            cache[key] = jax.jit(fn, donate_argnums=(0,))
+        return cache[key]
 
     def student_apply(self, state: TrainState):
         """``x -> (logits, features)`` of the student in eval mode."""
