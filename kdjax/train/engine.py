@@ -251,7 +251,7 @@ class Distiller:
         seed axis of the state (seeds as one program). Cached per distiller and
         arguments, so repeated ``fit`` calls reuse the compiled program."""
         cache = self.__dict__.setdefault("_epoch_cache", {})
-        key = (batch_size, id(mesh), num_seeds, id(index_fn))
+        key = (batch_size, mesh, num_seeds, index_fn)
         if key not in cache:
             fn = self.epoch_fn(batch_size, mesh, index_fn)
             if num_seeds:
@@ -272,7 +272,7 @@ class Distiller:
         """
         _check_batch_size(batch_size)
         cache = self.__dict__.setdefault("_predict_cache", {})
-        key = (batch_size, id(mesh))
+        key = (batch_size, mesh)
         if key not in cache:
             apply = lambda v, xb: self._student_out(v[0], v[1], xb, False)[0]
             cache[key] = jax.jit(_batched_logits(apply, mesh))
