@@ -41,6 +41,7 @@ from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
+from kdjax.train.pretrain import pretrain
 from kdjax.train.teacher import get_teacher
 
 CONFIG_MODULE = "experiments.configs.shift"
@@ -145,9 +146,6 @@ def loss_terms(cfg, entry, s_shapes=None, t_shapes=None) -> tuple[list[dict], st
                       "temperature": float(cfg.temperature)})
     for m in extra:
         method = methods.get(m["name"])
-        if method.pretrain_loss is not None:
-            return [], (f"{m['name']} needs its adapter initialisation stage "
-                        f"(pretrain_loss), which the engine does not run yet")
         t = dict(m)
         t["weight"] = entry["weight"] * float(m.get("weight", method.default_weight))
         if m["name"] in TAU_FOLLOWS_KD and "temperature" not in m:
@@ -307,6 +305,9 @@ def run_cells(config, seeds) -> list[dict] | None:
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     state = jax.vmap(lambda k: distiller.init(k, tr.x[:2], tvars))(keys)
     ckpt = Checkpointer(ckpt_dir)
+    if not ckpt.steps():  # initialisation stage (FT, AB, FSP); a resumed cell has done it
+        state = pretrain(distiller, state, tvars, data, batch_size=b, mesh=mesh,
+                         num_seeds=len(seeds))
     _, bests, _ = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b, mesh=mesh,
                       eval_sets=eval_sets, select_on="val", eval_every=every,
                       checkpoint_every=every, checkpointer=ckpt, num_seeds=len(seeds),

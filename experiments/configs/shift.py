@@ -21,8 +21,8 @@ see the same augmented view.
 
 Deviations forced by our scale (stated in the report): CRD and SEED use smaller queues
 (4096) than the reference (16384 / 65536) since the training sets have a few thousand
-examples; AB, FT and FSP need an adapter initialisation stage (``pretrain_loss``) that
-the engine does not run yet, so the driver skips them with a logged note.
+examples; AB, FT and FSP run their adapter initialisation stage
+(:func:`kdjax.train.pretrain.pretrain`, ``pretrain_epochs`` each) before distillation.
 """
 
 import ml_collections
@@ -63,6 +63,10 @@ METHODS = [
     {"name": "coss", "methods": [{"name": "coss"}]},
     {"name": "cosine", "methods": [{"name": "cosine"}]},
     {"name": "seed", "methods": [{"name": "seed", "queue_size": 4096}]},
+    # faithful distillation (kdjax.faithfulness; evaluate the networks inside an eps-ball)
+    {"name": "faithful_pgd", "methods": [{"name": "faithful_pgd"}]},
+    {"name": "faithful_certified", "methods": [{"name": "faithful_certified"}]},
+    {"name": "adversarial_distillation", "methods": [{"name": "adversarial_distillation"}]},
     # data manipulation + KD
     {"name": "kd+noise", "methods": [], "augment": {"name": "gaussian_noise", "std": 0.1}},
     {"name": "kd+mixup", "methods": [], "augment": {"name": "mixup", "alpha": 0.2}},
