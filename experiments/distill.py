@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import data as kdata
+from experiments.common import load_splits
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer,
@@ -32,12 +32,6 @@ from kdjax.train.teacher import get_teacher, teacher_apply
 # computed once for the whole training set instead of every step.
 LOGIT_ONLY = {"ce", "kd", "dkd", "dist"}
 METRICS = ("test_accuracy", "test_agreement", "test_ece", "val_accuracy")
-
-
-def split_train_val(ds, val_size: int, seed: int = 0):
-    """Random held-out validation split of the training set (never the test split)."""
-    perm = np.random.default_rng(seed).permutation(len(ds))
-    return ds.subset(perm[val_size:], split="train"), ds.subset(perm[:val_size], split="val")
 
 
 def labelled_subset(y: np.ndarray, n: int, num_classes: int, seed: int = 0) -> np.ndarray:
@@ -54,17 +48,8 @@ def labelled_subset(y: np.ndarray, n: int, num_classes: int, seed: int = 0) -> n
 
 
 def load_data(cfg):
-    name = cfg.dataset.name
-    kw = {"data_dir": cfg.dataset.data_dir or None}
-    if cfg.dataset.config:
-        kw["config"] = cfg.dataset.config
-    for k in ("num_train", "num_test"):
-        if cfg.dataset[k]:
-            kw[k] = cfg.dataset[k]
-    full = kdata.load(name, "train", **kw)
-    test = kdata.load(name, "test", **kw)
-    train, val = split_train_val(full, cfg.dataset.val_size)
-    return train, val, test
+    """train / val (held out of train) / test: see :func:`experiments.common.load_splits`."""
+    return load_splits(cfg.dataset)
 
 
 def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, ckpt_dir, done):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import load_splits
 from kdjax import data as kdata
 from kdjax import losses, methods, models
 from kdjax.config import config_hash, load_config, parse_cli
@@ -42,22 +43,8 @@ FEATURE = "pooled"
 # --- data ----------------------------------------------------------------------------------
 
 def load_data(cfg):
-    """train / val (held out of train, for model selection) / test ArrayDatasets."""
-    d = cfg.dataset
-    kw = {"data_dir": d.data_dir or None}
-    if d.config:
-        kw["config"] = d.config
-    for k in ("num_train", "num_test", "max_examples"):
-        if d[k]:
-            kw[k] = d[k]
-    full = kdata.load(d.name, "train", **kw)
-    test = kdata.load(d.name, "test", **kw)
-    if d.val_size >= len(full):
-        raise ValueError(f"config.dataset.val_size={d.val_size} must be smaller than the "
-                         f"{len(full)} training examples of {d.name!r}.")
-    perm = np.random.default_rng(0).permutation(len(full))
-    return (full.subset(perm[d.val_size:], split="train"),
-            full.subset(perm[:d.val_size], split="val"), test)
+    """train / val (held out of train) / test: see :func:`experiments.common.load_splits`."""
+    return load_splits(cfg.dataset)
 
 
 def features(module, variables, x, mesh, batch_size=512):

@@ -19,7 +19,6 @@ comparison: the same initialisation and batch order per seed).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time

@@ -62,7 +62,6 @@ from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_weights, in
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.engine import Distiller, TrainState
 from kdjax.train.loop import fit
-from kdjax.train.results import atomic_write_text
 
 __all__ = [
     "CURVATURES",

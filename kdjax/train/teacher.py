@@ -18,7 +18,7 @@ import numpy as np
 from kdjax import methods, models
 from kdjax.config import config_hash
 from kdjax.train.checkpoint import load_pytree, save_pytree
-from kdjax.train.engine import Distiller, predict
+from kdjax.train.engine import Distiller
 from kdjax.train.loop import EvalSet, fit
 from kdjax.train.optim import make_optimizer
 from kdjax.train.results import atomic_write_text, run_metadata
