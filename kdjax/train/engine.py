@@ -86,6 +86,10 @@ class Distiller:
         ``lam`` to the batch, which the ``ce`` method honours.
       compute_dtype: dtype of the inputs fed to the networks (``jnp.bfloat16`` for
         bf16 compute; parameters stay float32 and losses are computed in float32).
+      epoch_mode: how :func:`~kdjax.train.fit` runs an epoch: ``"scan"`` (one compiled
+        ``lax.scan``; fastest for small dense models) or ``"loop"`` (a Python loop over
+        jitted steps on device-resident data; same numbers, and on XLA:CPU several
+        times faster for convolutional students; see ``benchmarks/train_step.py``).
       teacher_from_batch: read the teacher's outputs from the batch
         (``batch["teacher_logits"]``, optional ``batch["teacher_features"]`` dict)
         instead of running the teacher each step. Valid when the teacher's input is
@@ -99,8 +103,12 @@ class Distiller:
     augment: Callable[[jax.Array, dict], dict] | None = None
     compute_dtype: Any = jnp.float32
     teacher_from_batch: bool = False
+    epoch_mode: str = "scan"
 
     def __post_init__(self):
+        if self.epoch_mode not in ("scan", "loop"):
+            raise ValueError(f"epoch_mode must be one of ['loop', 'scan'], got "
+                             f"{self.epoch_mode!r}.")
         if self.teacher_from_batch and self.augment is not None:
             raise ValueError("teacher_from_batch=True needs a deterministic teacher input, "
                              "but augment is set; precomputed teacher outputs would not "
@@ -215,35 +223,75 @@ class Distiller:
         :mod:`kdjax.data.neighbors`).
         """
         def epoch(state: TrainState, teacher_vars, data):
-            n = jax.tree_util.tree_leaves(data)[0].shape[0]
-            steps = n // batch_size
-            if steps == 0:
-                raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
-            key = jax.random.fold_in(state.seed_key, state.epoch)
-            if index_fn is None:
-                perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-                idx = perm[: steps * batch_size].reshape(steps, batch_size)
-            else:
-                idx = index_fn(jax.random.fold_in(key, 0), n)
-                if idx.ndim != 2 or idx.shape[1] != batch_size:
-                    raise ValueError(f"index_fn must return int[steps, {batch_size}], "
-                                     f"got shape {idx.shape}.")
-                steps = idx.shape[0]
+            key, idx = self._epoch_plan(state, data, batch_size, index_fn)
 
             def body(st, inp):
                 i, rows = inp
-                batch = jax.tree_util.tree_map(lambda a: a[rows], data)
-                if mesh is not None:
-                    batch = jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
-                st, terms = self.train_step(st, teacher_vars, batch,
-                                            jax.random.fold_in(key, i + 1))
-                return st, terms
+                return self._step_at(st, teacher_vars, data, key, i, rows, mesh)
 
-            state, terms = jax.lax.scan(body, state, (jnp.arange(steps), idx))
+            state, terms = jax.lax.scan(body, state, (jnp.arange(idx.shape[0]), idx))
             return state.replace(epoch=state.epoch + 1), jax.tree_util.tree_map(
                 jnp.mean, terms)
 
         return epoch
+
+    def _epoch_plan(self, state: TrainState, data, batch_size: int, index_fn):
+        """``(key, idx[steps, batch_size])`` of the epoch ``state.epoch``."""
+        n = jax.tree_util.tree_leaves(data)[0].shape[0]
+        steps = n // batch_size
+        if steps == 0:
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
+        key = jax.random.fold_in(state.seed_key, state.epoch)
+        if index_fn is None:
+            perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
+            return key, perm[: steps * batch_size].reshape(steps, batch_size)
+        idx = index_fn(jax.random.fold_in(key, 0), n)
+        if idx.ndim != 2 or idx.shape[1] != batch_size:
+            raise ValueError(f"index_fn must return int[steps, {batch_size}], "
+                             f"got shape {idx.shape}.")
+        return key, idx
+
+    def _step_at(self, state, teacher_vars, data, key, i, rows, mesh):
+        """Step ``i`` of an epoch: gather ``rows`` of ``data`` on device, then train."""
+        batch = jax.tree_util.tree_map(lambda a: a[rows], data)
+        if mesh is not None:
+            batch = jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
+        return self.train_step(state, teacher_vars, batch, jax.random.fold_in(key, i + 1))
+
+    def loop_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
+                   index_fn=None):
+        """Like :meth:`jit_epoch` but a Python loop over jitted steps (same numbers).
+
+        Data stay on device and each step gathers its rows inside the compiled step,
+        so the only per-step host work is the dispatch. On XLA:CPU a convolutional step
+        inside ``lax.scan`` runs markedly slower than the same step jitted alone (see
+        ``benchmarks/train_step.py``); this mode avoids that. Cached like ``jit_epoch``.
+        """
+        cache = self.__dict__.setdefault("_loop_cache", {})
+        ckey = (batch_size, mesh, num_seeds, index_fn)
+        if ckey not in cache:
+            plan = lambda st, d: self._epoch_plan(st, d, batch_size, index_fn)
+            step = lambda st, tv, d, k, i, rows: self._step_at(st, tv, d, k, i, rows, mesh)
+            bump = lambda st: st.replace(epoch=st.epoch + 1)
+            if num_seeds:
+                plan = jax.vmap(plan, in_axes=(0, None))
+                step = jax.vmap(step, in_axes=(0, None, None, 0, None, 0))
+                bump = jax.vmap(bump)
+            plan, bump = jax.jit(plan), jax.jit(bump, donate_argnums=(0,))
+            step = jax.jit(step, donate_argnums=(0,))
+
+            def epoch(state, teacher_vars, data):
+                key, idx = plan(state, data)
+                terms = []
+                for i in range(idx.shape[-2]):
+                    rows = idx[..., i, :]
+                    state, t = step(state, teacher_vars, data, key, i, rows)
+                    terms.append(t)
+                mean = jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v), 0), *terms)
+                return bump(state), mean
+
+            cache[ckey] = epoch
+        return cache[ckey]
 
     def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
                   index_fn=None):

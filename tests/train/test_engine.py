@@ -263,3 +263,28 @@ def test_evaluation_does_not_recompile_across_epochs():
     st = d.init(0, data["x"][:2], tv)
     ref = predict(d.student_apply(st), data["x"][:100], 64)
     np.testing.assert_allclose(d.predict(st, data["x"][:100], 64), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_seeds", [0, 2])
+def test_loop_epoch_mode_equals_scan_mode(num_seeds):
+    d = _distiller()
+    loop = Distiller(d.student, d.methods, d.tx, teacher=d.teacher, epoch_mode="loop")
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+
+    def init(dist):
+        if not num_seeds:
+            return dist.init(0, data["x"][:2], tv)
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in range(num_seeds)])
+        return jax.vmap(lambda k: dist.init(k, data["x"][:2], tv))(keys)
+
+    a, _, ha = fit(d, init(d), tv, data, epochs=2, batch_size=32, num_seeds=num_seeds,
+                   progress=False, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    b, _, hb = fit(loop, init(loop), tv, data, epochs=2, batch_size=32, num_seeds=num_seeds,
+                   progress=False, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    np.testing.assert_allclose(_flat(b.params), _flat(a.params), rtol=1e-5, atol=1e-6)
+    assert int(np.asarray(b.epoch).reshape(-1)[0]) == 2
+    np.testing.assert_allclose([h["train"]["total"] for h in hb],
+                               [h["train"]["total"] for h in ha], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"epoch_mode must be one of \['loop', 'scan'\]"):
+        Distiller(d.student, d.methods, d.tx, teacher=d.teacher, epoch_mode="unrolled")
