@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdjax import data as kdata
+from kdjax.train import predict
+from kdjax.train.teacher import get_teacher, teacher_apply
 
 
 def load_splits(d, seed: int = 0):
@@ -29,3 +31,22 @@ def load_splits(d, seed: int = 0):
     perm = np.random.default_rng(seed).permutation(len(full))
     return (full.subset(perm[d.val_size:], split="train"),
             full.subset(perm[:d.val_size], split="val"), test)
+
+
+def teacher_and_logits(teacher_cfg, dataset_cfg, train, val, test, *, cache_dir: str,
+                       mesh=None, progress: bool = True):
+    """The cached teacher of a run and its logits on ``train``/``val``/``test``.
+
+    The teacher is trained once per (teacher config, dataset config) by
+    :func:`kdjax.train.teacher.get_teacher`; its logits are computed once here so
+    logit-only methods never run the teacher inside the training step.
+    Returns ``(module, variables, meta, {"train": ..., "val": ..., "test": ...})``.
+    """
+    module, variables, meta = get_teacher(
+        teacher_cfg, {"dataset": dataset_cfg.to_dict()}, {"x": train.x, "y": train.y},
+        {"x": val.x, "y": val.y}, train.num_classes, cache_dir=cache_dir, mesh=mesh,
+        progress=progress)
+    apply = teacher_apply(module, variables)
+    logits = {k: predict(apply, d.x, 512, mesh)
+              for k, d in (("train", train), ("val", val), ("test", test))}
+    return module, variables, meta, logits

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import load_splits
+from experiments.common import load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import losses, methods, models
 from kdjax.config import config_hash, load_config, parse_cli
@@ -31,7 +31,7 @@ from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_
                          predict)
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
-from kdjax.train.teacher import get_teacher, teacher_apply
+from kdjax.train.teacher import teacher_apply
 
 from experiments.configs.kd2m import make_runs
 
@@ -226,13 +226,9 @@ def main(argv=None):
           f"{meta['device_kind']} device(s), jax {meta['jax_version']}, rev {meta['git_revision']}")
 
     train, val, test = load_data(cfg)
-    teacher, tvars, tmeta = get_teacher(
-        cfg.teacher, {"dataset": cfg.dataset.to_dict()}, {"x": train.x, "y": train.y},
-        {"x": val.x, "y": val.y}, train.num_classes, cache_dir=cfg.cache_dir, mesh=mesh,
+    teacher, tvars, tmeta, logits = teacher_and_logits(
+        cfg.teacher, cfg.dataset, train, val, test, cache_dir=cfg.cache_dir, mesh=mesh,
         progress=cfg.progress)
-    t_apply = teacher_apply(teacher, tvars)
-    logits = {k: predict(t_apply, d.x, 512, mesh)
-              for k, d in (("train", train), ("val", val), ("test", test))}
     t_test = evaluate(logits["test"], test.y)
     t_test_feat = features(teacher, tvars, test.x, mesh)
     print(f"teacher {cfg.teacher.model}: test accuracy {100 * t_test['accuracy']:.2f}% "

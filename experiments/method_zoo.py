@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import load_splits
+from experiments.common import load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
@@ -33,7 +33,7 @@ from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.pretrain import pretrain
-from kdjax.train.teacher import get_teacher, teacher_apply
+from kdjax.train.teacher import teacher_apply
 
 # Methods reading nothing but the teacher's logits: with a deterministic input their
 # teacher outputs are computed once for the training set instead of every step.
@@ -216,13 +216,9 @@ def main(argv=None):
     for sname in cfg.setting_names:
         s = cfg.settings[sname]
         train, val, test = load_data(s)
-        teacher, tvars, tmeta = get_teacher(
-            s.teacher, {"dataset": s.dataset.to_dict()}, {"x": train.x, "y": train.y},
-            {"x": val.x, "y": val.y}, train.num_classes, cache_dir=cfg.cache_dir,
-            mesh=mesh, progress=cfg.progress)
-        t_apply = teacher_apply(teacher, tvars)
-        logits = {k: predict(t_apply, d.x, 512, mesh)
-                  for k, d in (("train", train), ("val", val), ("test", test))}
+        teacher, tvars, tmeta, logits = teacher_and_logits(
+            s.teacher, s.dataset, train, val, test, cache_dir=cfg.cache_dir, mesh=mesh,
+            progress=cfg.progress)
         teacher_acc[sname] = evaluate(logits["test"], test.y)["accuracy"]
         print(f"[{sname}] teacher {s.teacher.model} test accuracy "
               f"{100 * teacher_acc[sname]:.2f}% ({'cached' if tmeta['cached'] else 'trained'})")

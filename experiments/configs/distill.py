@@ -13,6 +13,8 @@ Override from the command line: ``python -m experiments.distill --config.seeds=5
 
 import ml_collections
 
+from experiments.configs.common import cnn1d_teacher
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -33,14 +35,7 @@ def get_config():
     c.dataset.val_size = 1000      # held out of train for model selection
     c.labelled = 500               # labelled examples the students see (0 = all)
 
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.model = "cnn1d"
-    c.teacher.model_kwargs = ml_collections.ConfigDict({"channels": (32, 64, 128)})
-    c.teacher.epochs = 30
-    c.teacher.batch_size = 128
-    c.teacher.seed = 0
-    c.teacher.optimizer = ml_collections.ConfigDict(
-        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+    c.teacher = cnn1d_teacher()
 
     c.student = ml_collections.ConfigDict()
     c.student.model = "cnn1d"

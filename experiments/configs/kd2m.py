@@ -28,6 +28,8 @@ signals); overrides ``--config.seeds=5 --config.student.epochs=40
 
 import ml_collections
 
+from experiments.configs.common import cnn1d_teacher
+
 # name -> method config of the distance term (the CE term is added to every run)
 DISTANCES = {
     "kd2m_exact_ot": {"name": "kd2m_exact_ot"},
@@ -93,14 +95,7 @@ def get_config(variant: str = "mnist1d"):
     c.dataset.max_examples = 0     # TFDS catalog datasets only: read the first ones (0 = all)
     c.dataset.val_size = 1000      # held out of train for model selection
 
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.model = "cnn1d"
-    c.teacher.model_kwargs = ml_collections.ConfigDict({"channels": (32, 64, 128)})
-    c.teacher.epochs = 30
-    c.teacher.batch_size = 128
-    c.teacher.seed = 0
-    c.teacher.optimizer = ml_collections.ConfigDict(
-        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+    c.teacher = cnn1d_teacher()
 
     c.student = ml_collections.ConfigDict()
     c.student.model = "cnn1d"

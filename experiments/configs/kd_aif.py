@@ -21,6 +21,8 @@ digits variant ``python -m experiments.kd_aif --config=digits``.
 
 import ml_collections
 
+from experiments.configs.common import cnn1d_teacher
+
 SETTINGS = ("clean", "noisy", "semi")
 RUNS = ("uniform", "oneshot_exp", "oneshot_sigmoid", "periodic_exp", "periodic_sigmoid")
 
@@ -42,14 +44,7 @@ def get_config(arg: str = "mnist1d"):
     c.dataset.num_test = 0
     c.dataset.val_size = 1000
 
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.model = "cnn1d"
-    c.teacher.model_kwargs = ml_collections.ConfigDict({"channels": (32, 64, 128)})
-    c.teacher.epochs = 30
-    c.teacher.batch_size = 128
-    c.teacher.seed = 0
-    c.teacher.optimizer = ml_collections.ConfigDict(
-        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+    c.teacher = cnn1d_teacher()
 
     c.student = ml_collections.ConfigDict()
     c.student.model = "cnn1d"
