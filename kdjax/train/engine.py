@@ -57,6 +57,21 @@ class TrainState:
     seed_key: jax.Array  # raw uint32 PRNG key of the run
 
 
+EPOCH_MODES = ("auto", "loop", "scan")
+
+
+def primitives(closed) -> set[str]:
+    """Names of every primitive in a (closed) jaxpr, sub-jaxprs included."""
+    from jax.extend import core as jex
+
+    todo, names = [getattr(closed, "jaxpr", closed)], set()
+    while todo:
+        jaxpr = todo.pop()
+        names.update(e.primitive.name for e in jaxpr.eqns)
+        todo.extend(jex.subjaxprs(jaxpr))
+    return names
+
+
 def method_keys(methods: Sequence[BuiltMethod]) -> list[str]:
     """Unique keys for the methods of a run (``fitnet``, ``fitnet_1``, ...)."""
     keys, seen = [], {}
@@ -87,9 +102,11 @@ class Distiller:
       compute_dtype: dtype of the inputs fed to the networks (``jnp.bfloat16`` for
         bf16 compute; parameters stay float32 and losses are computed in float32).
       epoch_mode: how :func:`~kdjax.train.fit` runs an epoch: ``"scan"`` (one compiled
-        ``lax.scan``; fastest for small dense models) or ``"loop"`` (a Python loop over
+        ``lax.scan``; fastest for small dense models), ``"loop"`` (a Python loop over
         jitted steps on device-resident data; same numbers, and on XLA:CPU several
-        times faster for convolutional students; see ``benchmarks/train_step.py``).
+        times faster for convolutional networks; see ``benchmarks/train_step.py``) or
+        ``"auto"`` (the default: ``"loop"`` on a CPU backend when the student or the
+        per-step teacher runs a convolution, else ``"scan"``; :meth:`resolve_epoch_mode`).
       teacher_from_batch: read the teacher's outputs from the batch
         (``batch["teacher_logits"]``, optional ``batch["teacher_features"]`` dict)
         instead of running the teacher each step. Valid when the teacher's input is
@@ -103,11 +120,11 @@ class Distiller:
     augment: Callable[[jax.Array, dict], dict] | None = None
     compute_dtype: Any = jnp.float32
     teacher_from_batch: bool = False
-    epoch_mode: str = "scan"
+    epoch_mode: str = "auto"
 
     def __post_init__(self):
-        if self.epoch_mode not in ("scan", "loop"):
-            raise ValueError(f"epoch_mode must be one of ['loop', 'scan'], got "
+        if self.epoch_mode not in EPOCH_MODES:
+            raise ValueError(f"epoch_mode must be one of {sorted(EPOCH_MODES)}, got "
                              f"{self.epoch_mode!r}.")
         if self.teacher_from_batch and self.augment is not None:
             raise ValueError("teacher_from_batch=True needs a deterministic teacher input, "
@@ -306,6 +323,45 @@ class Distiller:
                 fn = jax.vmap(fn, in_axes=(0, None, None))
             cache[key] = jax.jit(fn, donate_argnums=(0,))
         return cache[key]
+
+    def resolve_epoch_mode(self, example_x, mesh: Mesh | None = None) -> str:
+        """The epoch mode :func:`~kdjax.train.fit` uses: ``epoch_mode`` unless "auto".
+
+        "auto" gives ``"loop"`` when the devices are CPUs and the student, or the teacher
+        when it runs in every step, contains a convolution, else ``"scan"``. Why: XLA:CPU
+        compiles the backward convolutions inside a ``while`` body with non-canonical
+        dimension orders (e.g. ``b0f_0oi->b0f``) that it runs through a slow generic
+        kernel, about 4x slower than the same step jitted alone, where they are
+        canonicalised (``benchmarks/train_step.py`` measures both); for dense models the
+        scan is faster (no per-step dispatch). The check traces the networks abstractly
+        on ``example_x`` (shapes only; nothing runs) and is cached per distiller.
+        """
+        if self.epoch_mode != "auto":
+            return self.epoch_mode
+        platform = (mesh.devices.flat[0].platform if mesh is not None
+                    else jax.default_backend())
+        if platform != "cpu":
+            return "scan"
+        cache = self.__dict__.setdefault("_mode_cache", {})
+        shape = (tuple(example_x.shape[1:]), str(example_x.dtype))
+        if shape not in cache:
+            x = jax.ShapeDtypeStruct((1, *shape[0]), example_x.dtype)
+            nets = [self.student]
+            if self.teacher is not None and not self.teacher_from_batch:
+                nets.append(self.teacher)
+            conv = any("conv_general_dilated" in primitives(
+                jax.make_jaxpr(lambda v, m=m: m.init(jax.random.PRNGKey(0), v,
+                                                    train=False))(x))
+                for m in nets)
+            cache[shape] = "loop" if conv else "scan"
+        return cache[shape]
+
+    def epoch_runner(self, batch_size: int, example_x, mesh: Mesh | None = None, *,
+                     num_seeds: int = 0, index_fn=None):
+        """:meth:`loop_epoch` or :meth:`jit_epoch`, as :meth:`resolve_epoch_mode` says."""
+        mode = self.resolve_epoch_mode(example_x, mesh)
+        runner = self.loop_epoch if mode == "loop" else self.jit_epoch
+        return runner(batch_size, mesh, num_seeds=num_seeds, index_fn=index_fn)
 
     def student_apply(self, state: TrainState):
         """``x -> (logits, features)`` of the student in eval mode."""

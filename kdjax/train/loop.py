@@ -96,8 +96,8 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
     state = replicate(state, mesh)
     data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
     tvars = replicate(teacher_vars, mesh)
-    runner = distiller.loop_epoch if distiller.epoch_mode == "loop" else distiller.jit_epoch
-    epoch_fn = runner(batch_size, mesh, num_seeds=num_seeds, index_fn=index_fn)
+    epoch_fn = distiller.epoch_runner(batch_size, data["x"], mesh, num_seeds=num_seeds,
+                                      index_fn=index_fn)
 
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False,
                initial=start, total=epochs)

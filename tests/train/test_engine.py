@@ -11,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from kdjax import methods, models
@@ -101,6 +102,31 @@ def test_no_recompilation_after_first_epoch():
     for _ in range(4):
         state, _ = epoch(state, tv, xs)
     assert epoch._cache_size() == 1
+    assert int(state.epoch) == 4 and int(state.step) == 4 * (256 // 32)
+
+
+def test_loop_mode_does_not_recompile_after_first_epoch():
+    """The loop epoch (the 'auto' choice for conv students on CPU) compiles its plan,
+    step and epoch-bump programs once; later epochs compile nothing."""
+    from jax import monitoring
+
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    epoch = d.epoch_runner(32, data["x"])
+    assert epoch is d.loop_epoch(32)
+    state = d.init(0, data["x"][:2], tv)
+    xs = jax.tree_util.tree_map(jnp.asarray, data)
+    state, _ = epoch(state, tv, xs)
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(3):
+            state, _ = epoch(state, tv, xs)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
     assert int(state.epoch) == 4 and int(state.step) == 4 * (256 // 32)
 
 
@@ -286,5 +312,26 @@ def test_loop_epoch_mode_equals_scan_mode(num_seeds):
     assert int(np.asarray(b.epoch).reshape(-1)[0]) == 2
     np.testing.assert_allclose([h["train"]["total"] for h in hb],
                                [h["train"]["total"] for h in ha], rtol=1e-5)
-    with pytest.raises(ValueError, match=r"epoch_mode must be one of \['loop', 'scan'\]"):
+    with pytest.raises(ValueError,
+                       match=r"epoch_mode must be one of \['auto', 'loop', 'scan'\], got 'unrolled'"):
         Distiller(d.student, d.methods, d.tx, teacher=d.teacher, epoch_mode="unrolled")
+
+
+def test_auto_epoch_mode_picks_loop_for_convolutions_on_cpu():
+    """'auto' = loop when a network in the step convolves (XLA:CPU runs scanned backward
+    convolutions through a slow kernel), scan for dense-only steps and off CPU."""
+    x = jnp.zeros((4, 40), jnp.float32)
+    tx = optax.sgd(0.1)
+    ce = (methods.build({"name": "ce"}),)
+    kd = (methods.build({"name": "kd"}),)
+    cnn, mlp = models.create("cnn1d", 10, channels=(4,)), models.create("mlp", 10, hidden=(8,))
+    assert Distiller(cnn, ce, tx).resolve_epoch_mode(x) == "loop"
+    assert Distiller(mlp, ce, tx).resolve_epoch_mode(x) == "scan"
+    # a convolutional teacher run in every step counts; a precomputed one does not
+    assert Distiller(mlp, kd, tx, teacher=cnn).resolve_epoch_mode(x) == "loop"
+    assert Distiller(mlp, kd, tx, teacher_from_batch=True).resolve_epoch_mode(x) == "scan"
+    assert Distiller(cnn, ce, tx, epoch_mode="scan").resolve_epoch_mode(x) == "scan"
+    assert Distiller(mlp, ce, tx, epoch_mode="loop").resolve_epoch_mode(x) == "loop"
+    d = Distiller(cnn, ce, tx)
+    assert d.epoch_runner(2, x) is d.loop_epoch(2)
+    assert Distiller(mlp, ce, tx).epoch_runner(2, x) is not None
