@@ -36,8 +36,10 @@ Procedures (all compose :func:`kdjax.train.fit`; the weights live in ``data["wei
 * :func:`semi_supervised_data` (c): labelled subset + teacher pseudo-labels; the labels
   of unlabelled points are never stored (``y`` holds the teacher's argmax there and
   ``label_mask = 0`` keeps them out of CE).
-* :func:`mpl_teacher_grad` / :func:`mpl_step` (d): meta-pseudo-label teacher update
-  from the student's validation loss after one student step (Pham et al. 2021).
+* :func:`mpl_teacher_grad` / :func:`mpl_step` / :func:`fit_mpl` (d): meta-pseudo-label
+  teacher update from the student's validation loss after one student step (Pham et
+  al. 2021), as KD-AIF updates the teacher with the student in the semi-supervised
+  setting.
 
 Conventions: ``loss_fn(params, batch) -> [B]`` per-example losses, as in
 :mod:`kdjax.influence`; networks run in eval mode (BatchNorm running statistics) while
@@ -77,6 +79,7 @@ __all__ = [
     "flip_labels",
     "mpl_teacher_grad",
     "mpl_step",
+    "fit_mpl",
 ]
 
 CURVATURES = ("ggn", "last_layer")
@@ -529,20 +532,23 @@ def mpl_teacher_grad(teacher_fn: Callable, student_fn: Callable, teacher_params,
 def mpl_step(teacher_fn: Callable, student_fn: Callable, teacher_params, student_params,
              teacher_opt_state, student_opt_state, teacher_tx: optax.GradientTransformation,
              student_tx: optax.GradientTransformation, unlabelled, val, *,
-             student_lr: float, temperature: float = 1.0, teacher_ce_weight: float = 1.0):
-    """One joint MPL step: teacher update (meta gradient + CE on ``val``) then student.
+             student_lr: float, temperature: float = 1.0, teacher_ce_weight: float = 1.0,
+             labelled: Mapping[str, Any] | None = None):
+    """One joint MPL step: teacher update (meta gradient + supervised CE) then student.
 
-    The teacher's gradient is :func:`mpl_teacher_grad` plus ``teacher_ce_weight`` times
-    the gradient of its own CE on the labelled batch ``val`` (MPL keeps the teacher's
-    supervised loss); the student then takes its optimiser step on the KD loss to the
-    *updated* teacher's soft pseudo-labels of ``unlabelled`` (MPL's order). Pure and
-    jittable; returns ``(teacher_params, student_params, teacher_opt_state,
+    The teacher's gradient is :func:`mpl_teacher_grad` (the student's loss on ``val``
+    after a look-ahead step) plus ``teacher_ce_weight`` times the gradient of the
+    teacher's own CE on the labelled batch ``labelled`` (default ``val``; MPL keeps the
+    teacher's supervised loss); the student then takes its optimiser step on the KD loss
+    to the *updated* teacher's soft pseudo-labels of ``unlabelled`` (MPL's order). Pure
+    and jittable; returns ``(teacher_params, student_params, teacher_opt_state,
     student_opt_state, info)``.
     """
     g_meta, info = mpl_teacher_grad(teacher_fn, student_fn, teacher_params, student_params,
                                     unlabelled, val, student_lr=student_lr,
                                     temperature=temperature)
-    g_ce = jax.grad(lambda tp: jnp.mean(val_losses(teacher_fn(tp, val["x"]), val)))(
+    sup = val if labelled is None else labelled
+    g_ce = jax.grad(lambda tp: jnp.mean(val_losses(teacher_fn(tp, sup["x"]), sup)))(
         teacher_params)
     g_t = jax.tree_util.tree_map(lambda a, b: a + teacher_ce_weight * b, g_meta, g_ce)
     upd, teacher_opt_state = teacher_tx.update(g_t, teacher_opt_state, teacher_params)
@@ -553,3 +559,54 @@ def mpl_step(teacher_fn: Callable, student_fn: Callable, teacher_params, student
     upd, student_opt_state = student_tx.update(g_s, student_opt_state, student_params)
     student_params = optax.apply_updates(student_params, upd)
     return teacher_params, student_params, teacher_opt_state, student_opt_state, info
+
+
+def fit_mpl(teacher_fn: Callable, student_fn: Callable, teacher_params, student_params,
+            unlabelled_x, val: Mapping[str, Any], *, key: jax.Array, steps: int,
+            batch_size: int, teacher_tx: optax.GradientTransformation,
+            student_tx: optax.GradientTransformation, student_lr: float,
+            temperature: float = 1.0, teacher_ce_weight: float = 1.0,
+            labelled: Mapping[str, Any] | None = None):
+    r"""``steps`` joint MPL steps (:func:`mpl_step`): the teacher learns from the student.
+
+    Step ``k`` draws an unlabelled batch of ``batch_size`` rows of ``unlabelled_x``
+    (without replacement within the batch) with ``jax.random.fold_in(key, k)``; the
+    meta signal is the student's mean CE on the whole ``val`` dict after its look-ahead
+    step (:func:`mpl_teacher_grad`, first-order MPL), the teacher's supervised CE is on
+    the whole ``labelled`` dict (default ``val``). One jitted step, a Python loop over
+    steps (the conv-friendly mode on XLA:CPU); deterministic given ``key``.
+
+    Returns ``(teacher_params, student_params, log)`` with ``log`` a dict of ``[steps]``
+    arrays: ``val_before`` / ``val_after`` (the student's validation loss before and
+    after the look-ahead step on the *pre-update* teacher).
+    """
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
+    check_positive(student_lr, "student_lr")
+    unlabelled_x = jnp.asarray(unlabelled_x)
+    n = unlabelled_x.shape[0]
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= the number of unlabelled examples ({n}), "
+                         f"got {batch_size}.")
+    val = {k: jnp.asarray(v) for k, v in val.items()}
+    labelled = None if labelled is None else {k: jnp.asarray(v) for k, v in labelled.items()}
+
+    @jax.jit
+    def step(k, tp, sp, ts, ss, xs, val, labelled):
+        idx = jax.random.choice(jax.random.fold_in(key, k), n, (batch_size,), replace=False)
+        tp, sp, ts, ss, info = mpl_step(
+            teacher_fn, student_fn, tp, sp, ts, ss, teacher_tx, student_tx,
+            {"x": xs[idx]}, val, student_lr=student_lr, temperature=temperature,
+            teacher_ce_weight=teacher_ce_weight, labelled=labelled)
+        return tp, sp, ts, ss, info["val_before"], info["val_after"]
+
+    tp, sp = teacher_params, student_params
+    ts, ss = teacher_tx.init(tp), student_tx.init(sp)
+    before, after = [], []
+    for k in range(int(steps)):
+        tp, sp, ts, ss, vb, va = step(k, tp, sp, ts, ss, unlabelled_x, val, labelled)
+        before.append(vb)
+        after.append(va)
+    return tp, sp, {"val_before": np.asarray(jnp.stack(before)),
+                    "val_after": np.asarray(jnp.stack(after))}

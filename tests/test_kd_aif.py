@@ -309,3 +309,59 @@ def test_mpl_step_updates_both_and_is_jittable():
     assert not np.allclose(t2["w"], tp["w"]) and not np.allclose(s2["w"], sp["w"])
     with pytest.raises(ValueError, match="student_lr"):
         kd_aif.mpl_teacher_grad(lin, lin, tp, sp, unl, val, student_lr=0.0)
+
+
+def test_fit_mpl_teacher_step_lowers_lookahead_val_loss_and_is_deterministic():
+    """One MPL step (teacher CE off, SGD) moves the teacher against the meta gradient, so
+    the student's validation loss after its look-ahead step on the new teacher's
+    pseudo-labels is lower than on the old teacher's (same student, same batch)."""
+    rng = np.random.default_rng(1)
+    lin = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+    n = 16
+    xu = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+    xv = jnp.asarray(rng.normal(size=(12, D)), jnp.float32)
+    val = {"x": xv, "y": jnp.asarray((np.asarray(xv)[:, 0] > 0).astype(np.int32))}
+    tp = {"w": jnp.asarray(rng.normal(size=(D, C)), jnp.float32), "b": jnp.zeros(C)}
+    sp = {"w": jnp.asarray(0.1 * rng.normal(size=(D, C)), jnp.float32), "b": jnp.zeros(C)}
+    kw = dict(key=jax.random.PRNGKey(3), batch_size=n, teacher_tx=optax.sgd(0.5),
+              student_tx=optax.sgd(0.5), student_lr=0.5, temperature=2.0,
+              teacher_ce_weight=0.0)
+    t1, s1, log = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, **kw)
+
+    def lookahead(t):   # batch_size = n: the step's batch is a permutation of xu
+        return float(kd_aif.mpl_teacher_grad(lin, lin, t, sp, {"x": xu}, val, student_lr=0.5,
+                                             temperature=2.0)[1]["val_after"])
+
+    assert not np.allclose(t1["w"], tp["w"])
+    np.testing.assert_allclose(log["val_after"][0], lookahead(tp), rtol=1e-5)
+    assert lookahead(t1) < lookahead(tp) - 1e-4
+    # deterministic given the key; several steps with a smaller batch run and differ
+    a = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=3, **{**kw, "batch_size": 8})
+    b = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=3, **{**kw, "batch_size": 8})
+    np.testing.assert_array_equal(a[0]["w"], b[0]["w"])
+    assert a[2]["val_before"].shape == (3,)
+    # the teacher's supervised CE is on `labelled` (default: val)
+    kw_ce = {**kw, "teacher_ce_weight": 1.0}
+    c1 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, **kw_ce)[0]
+    c2 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, labelled=val, **kw_ce)[0]
+    c3 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1,
+                        labelled={"x": xu[:4], "y": jnp.array([0, 1, 2, 0])}, **kw_ce)[0]
+    np.testing.assert_allclose(c1["w"], c2["w"], rtol=1e-6)
+    assert not np.allclose(c1["w"], c3["w"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
+    ({"batch_size": 17}, r"batch_size must be <= the number of unlabelled examples \(16\), "
+                         r"got 17"),
+    ({"student_lr": 0.0}, r"student_lr"),
+])
+def test_fit_mpl_bad_arguments(override, match):
+    lin = lambda p, x: x @ p  # noqa: E731
+    x = jnp.ones((16, D))
+    val = {"x": x[:2], "y": jnp.array([0, 1])}
+    kw = dict(key=jax.random.PRNGKey(0), steps=1, batch_size=4, teacher_tx=optax.sgd(0.1),
+              student_tx=optax.sgd(0.1), student_lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        kd_aif.fit_mpl(lin, lin, jnp.zeros((D, C)), jnp.zeros((D, C)), x, val,
+                       **{**kw, **override})
