@@ -13,7 +13,10 @@ Settings (``c.settings`` picks which run):
 
 Runs (``c.runs``): ``uniform`` (plain KD), ``oneshot_<mapping>`` (train uniform, score,
 retrain) and ``periodic_<mapping>`` (re-score every ``rescore_every`` epochs), mapping
-``exp`` (the authors' ``exp(minmax)``) or ``sigmoid`` (the paper). The default keeps the
+``exp`` (the authors' ``exp(minmax)``) or ``sigmoid`` (the paper). With
+``teacher_update="mpl"`` the semi setting adds rows ``mpl_<run>`` for ``run`` in
+``mpl.runs``: the same runs distilled from a teacher updated by meta pseudo labels
+(see the comment at ``c.teacher_update``). The default keeps the
 whole run at a few minutes on 2 CPU cores; more seeds/epochs/settings by override:
 ``python -m experiments.kd_aif --config.seeds=5 --config.student.epochs=40``, or the
 digits variant ``python -m experiments.kd_aif --config=digits``.
@@ -25,6 +28,7 @@ from experiments.configs.common import cnn1d_teacher
 
 SETTINGS = ("clean", "noisy", "semi")
 RUNS = ("uniform", "oneshot_exp", "oneshot_sigmoid", "periodic_exp", "periodic_sigmoid")
+TEACHER_UPDATES = ("none", "mpl")
 
 
 def get_config(arg: str = "mnist1d"):
@@ -73,6 +77,25 @@ def get_config(arg: str = "mnist1d"):
     c.semi = ml_collections.ConfigDict({"labelled": 300, "val_size": 300,
                                         "teacher_epochs": 150})
 
+    # Teacher update with the student (KD-AIF sec. 3, "as in meta pseudo labels"; semi
+    # setting only). "none": the teacher is frozen. "mpl": before distilling, the
+    # labelled-only semi teacher is trained further for mpl.steps joint MPL steps
+    # (kdjax.kd_aif.fit_mpl) with a feedback student (architecture of c.student, init
+    # and batch order from mpl.seed): teacher gradient = first-order MPL signal (the
+    # student's CE on the labelled validation split after one SGD look-ahead step of
+    # lr mpl.student_lr on the teacher's tau-softened pseudo-labels of an unlabelled
+    # batch of mpl.batch_size; tau = objective.temperature) + mpl.teacher_ce_weight x the
+    # teacher's CE on the labelled training subset; teacher SGD (momentum 0.9) with lr
+    # mpl.teacher_lr, feedback student SGD (momentum 0.9) with lr mpl.student_lr. The
+    # updated teacher relabels the data and the runs mpl.runs are repeated on it as rows
+    # "mpl_<run>" (same seeds: paired with the frozen-teacher rows). The MPL rows are
+    # keyed by a hash that includes teacher_update and mpl; the other rows' hash ignores
+    # both, so switching the option on reuses finished rows.
+    c.teacher_update = "none"
+    c.mpl = ml_collections.ConfigDict({
+        "steps": 300, "batch_size": 128, "teacher_lr": 0.01, "student_lr": 0.05,
+        "teacher_ce_weight": 1.0, "seed": 0, "runs": ["uniform", "oneshot_exp"]})
+
     if arg == "digits":
         c.out_dir = "runs/kd_aif_digits"
         c.dataset.name = "digits"
@@ -117,6 +140,25 @@ def validate(c):
     if c.influence.rescore_every < 1:
         raise ValueError(f"config.influence.rescore_every must be >= 1, got "
                          f"{c.influence.rescore_every}.")
+    if c.teacher_update not in TEACHER_UPDATES:
+        raise ValueError(f"config.teacher_update must be one of {TEACHER_UPDATES}, got "
+                         f"{c.teacher_update!r}.")
+    if c.teacher_update == "mpl" and "semi" not in c.settings:
+        raise ValueError("config.teacher_update='mpl' updates the semi-supervised teacher: "
+                         f"config.settings must contain 'semi', got {list(c.settings)}.")
+    for k in ("steps", "batch_size"):
+        if isinstance(c.mpl[k], bool) or not isinstance(c.mpl[k], int) or c.mpl[k] < 1:
+            raise ValueError(f"config.mpl.{k} must be an integer >= 1, got {c.mpl[k]!r}.")
+    for k in ("teacher_lr", "student_lr"):
+        if not c.mpl[k] > 0:
+            raise ValueError(f"config.mpl.{k} must be > 0, got {c.mpl[k]!r}.")
+    if not c.mpl.teacher_ce_weight >= 0:
+        raise ValueError(f"config.mpl.teacher_ce_weight must be >= 0, got "
+                         f"{c.mpl.teacher_ce_weight!r}.")
+    bad = sorted(set(c.mpl.runs) - set(RUNS))
+    if bad or not c.mpl.runs:
+        raise ValueError(f"config.mpl.runs must be a non-empty subset of {RUNS}, got "
+                         f"{list(c.mpl.runs)}.")
     if c.semi.labelled < 1 or c.semi.val_size < 1 or c.semi.teacher_epochs < 1:
         raise ValueError(f"config.semi.labelled, config.semi.val_size and config.semi.teacher_epochs must "
                          f"be >= 1, got {c.semi.labelled}, {c.semi.val_size} and "
