@@ -105,8 +105,8 @@ class Distiller:
         ``lax.scan``; fastest for small dense models), ``"loop"`` (a Python loop over
         jitted steps on device-resident data; same numbers, and on XLA:CPU several
         times faster for convolutional networks; see ``benchmarks/train_step.py``) or
-        ``"auto"`` (the default: ``"loop"`` on a CPU backend when the student or the
-        per-step teacher runs a convolution, else ``"scan"``; :meth:`resolve_epoch_mode`).
+        ``"auto"`` (the default: ``"loop"`` on a CPU backend when the student convolves,
+        else ``"scan"``; :meth:`resolve_epoch_mode`).
       teacher_from_batch: read the teacher's outputs from the batch
         (``batch["teacher_logits"]``, optional ``batch["teacher_features"]`` dict)
         instead of running the teacher each step. Valid when the teacher's input is
@@ -327,14 +327,15 @@ class Distiller:
     def resolve_epoch_mode(self, example_x, mesh: Mesh | None = None) -> str:
         """The epoch mode :func:`~kdjax.train.fit` uses: ``epoch_mode`` unless "auto".
 
-        "auto" gives ``"loop"`` when the devices are CPUs and the student, or the teacher
-        when it runs in every step, contains a convolution, else ``"scan"``. Why: XLA:CPU
-        compiles the backward convolutions inside a ``while`` body with non-canonical
+        "auto" gives ``"loop"`` when the devices are CPUs and the student (the network
+        that is differentiated) contains a convolution, else ``"scan"``. Why: XLA:CPU
+        compiles the *backward* convolutions inside a ``while`` body with non-canonical
         dimension orders (e.g. ``b0f_0oi->b0f``) that it runs through a slow generic
         kernel, about 4x slower than the same step jitted alone, where they are
-        canonicalised (``benchmarks/train_step.py`` measures both); for dense models the
-        scan is faster (no per-step dispatch). The check traces the networks abstractly
-        on ``example_x`` (shapes only; nothing runs) and is cached per distiller.
+        canonicalised; a convolutional teacher's forward pass is not affected, and for
+        dense students the scan is faster (no per-step dispatch);
+        ``benchmarks/train_step.py`` measures both modes. The check traces the student
+        abstractly on ``example_x`` (shapes only; nothing runs), cached per distiller.
         """
         if self.epoch_mode != "auto":
             return self.epoch_mode
@@ -346,14 +347,9 @@ class Distiller:
         shape = (tuple(example_x.shape[1:]), str(example_x.dtype))
         if shape not in cache:
             x = jax.ShapeDtypeStruct((1, *shape[0]), example_x.dtype)
-            nets = [self.student]
-            if self.teacher is not None and not self.teacher_from_batch:
-                nets.append(self.teacher)
-            conv = any("conv_general_dilated" in primitives(
-                jax.make_jaxpr(lambda v, m=m: m.init(jax.random.PRNGKey(0), v,
-                                                    train=False))(x))
-                for m in nets)
-            cache[shape] = "loop" if conv else "scan"
+            jaxpr = jax.make_jaxpr(
+                lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
+            cache[shape] = "loop" if "conv_general_dilated" in primitives(jaxpr) else "scan"
         return cache[shape]
 
     def epoch_runner(self, batch_size: int, example_x, mesh: Mesh | None = None, *,

@@ -318,8 +318,8 @@ def test_loop_epoch_mode_equals_scan_mode(num_seeds):
 
 
 def test_auto_epoch_mode_picks_loop_for_convolutions_on_cpu():
-    """'auto' = loop when a network in the step convolves (XLA:CPU runs scanned backward
-    convolutions through a slow kernel), scan for dense-only steps and off CPU."""
+    """'auto' = loop when the student convolves (XLA:CPU runs scanned backward
+    convolutions through a slow kernel), scan for dense students."""
     x = jnp.zeros((4, 40), jnp.float32)
     tx = optax.sgd(0.1)
     ce = (methods.build({"name": "ce"}),)
@@ -327,8 +327,8 @@ def test_auto_epoch_mode_picks_loop_for_convolutions_on_cpu():
     cnn, mlp = models.create("cnn1d", 10, channels=(4,)), models.create("mlp", 10, hidden=(8,))
     assert Distiller(cnn, ce, tx).resolve_epoch_mode(x) == "loop"
     assert Distiller(mlp, ce, tx).resolve_epoch_mode(x) == "scan"
-    # a convolutional teacher run in every step counts; a precomputed one does not
-    assert Distiller(mlp, kd, tx, teacher=cnn).resolve_epoch_mode(x) == "loop"
+    # only the differentiated network counts: a conv teacher's forward scans fine
+    assert Distiller(mlp, kd, tx, teacher=cnn).resolve_epoch_mode(x) == "scan"
     assert Distiller(mlp, kd, tx, teacher_from_batch=True).resolve_epoch_mode(x) == "scan"
     assert Distiller(cnn, ce, tx, epoch_mode="scan").resolve_epoch_mode(x) == "scan"
     assert Distiller(mlp, ce, tx, epoch_mode="loop").resolve_epoch_mode(x) == "loop"
