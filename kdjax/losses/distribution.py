@@ -34,8 +34,13 @@ from typing import Any, Callable, Sequence
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+from jax._src import callback as _jax_callback  # emit_python_callback: see _exact_plan_p
+from jax._src.interpreters import ad as _jax_ad
+from jax._src.interpreters import batching as _jax_batching
+from jax._src.interpreters import mlir as _jax_mlir
 from jax.sharding import PartitionSpec as P
 from ott.geometry import pointcloud
 from ott.solvers import linear as ott_linear
@@ -181,6 +186,7 @@ def _solve_plan_numpy(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndar
 
 
 def _host_plan(cost, a, b):
+    """Plans of a (possibly batched: leading dims) problem; numpy in, float32 numpy out."""
     cost, a, b = (np.asarray(v, np.float64) for v in (cost, a, b))
     out = np.zeros(cost.shape, np.float32)
     for idx in np.ndindex(*cost.shape[:-2]):
@@ -188,11 +194,60 @@ def _host_plan(cost, a, b):
     return out
 
 
+# The plan is a primitive of its own whose lowering calls ``_host_plan`` on the raw
+# host buffers XLA hands to the callback. ``jax.pure_callback`` instead first
+# ``device_put``s those buffers back onto a JAX CPU device and the callback's
+# ``np.asarray`` then waits for that transfer: the transfer is runtime work issued from
+# *inside* a running computation. In a multi-device program (a mesh of CPU devices; the
+# callback runs once, on device 0) the other devices sit in the step's next all-reduce
+# meanwhile, and when that work cannot be scheduled (the host runtime's workers are
+# taken by the devices blocked in the collective and by concurrently dispatched eager
+# ops such as the loop epoch's index gather) device 0 never arrives and XLA aborts the
+# process after its 40 s rendezvous timeout ("Fatal Python error: Aborted"). Working on
+# the numpy buffers directly keeps the callback free of JAX runtime calls.
+_exact_plan_p = jax.extend.core.Primitive("kdjax_exact_ot_plan")
+
+
+def _plan_abstract_eval(cost, a, b):
+    del a, b
+    return cost.update(dtype=jnp.dtype(jnp.float32), weak_type=False)
+
+
+def _plan_impl(cost, a, b):  # eager call: concrete arrays, solved right here
+    return jnp.asarray(_host_plan(np.asarray(cost), np.asarray(a), np.asarray(b)))
+
+
+def _plan_batch(args, dims):
+    """vmap: every operand gets the batch axis in front; the host code loops over it."""
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    args = [jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+            for x, d in zip(args, dims)]
+    return _exact_plan_p.bind(*args), 0
+
+
+def _plan_lowering(ctx, cost, a, b):
+    def host(cost, a, b):
+        return (_host_plan(cost, a, b),)
+
+    sharding = _jax_callback._callback_op_sharding(
+        ctx.module_context.axis_context, None, ctx.avals_out)
+    result, _, _ = _jax_callback.emit_python_callback(
+        ctx, host, None, [cost, a, b], ctx.avals_in, ctx.avals_out,
+        has_side_effect=False, returns_token=False, sharding=sharding)
+    return result
+
+
+_exact_plan_p.def_impl(_plan_impl)
+_exact_plan_p.def_abstract_eval(_plan_abstract_eval)
+_jax_batching.primitive_batchers[_exact_plan_p] = _plan_batch
+_jax_ad.defjvp_zero(_exact_plan_p)   # the plan is piecewise constant in the cost
+_jax_mlir.register_lowering(_exact_plan_p, _plan_lowering, cacheable=False)
+
+
 def _exact_plan(cost, a, b):
     """Optimal plan for ``cost`` (stop-gradient) via a host assignment/LP solver."""
-    cost, a, b = (jax.lax.stop_gradient(v) for v in (cost, a, b))
-    return jax.pure_callback(_host_plan, jax.ShapeDtypeStruct(cost.shape, jnp.float32),
-                             cost, a, b, vmap_method="broadcast_all")
+    cost, a, b = (jax.lax.stop_gradient(v).astype(jnp.float32) for v in (cost, a, b))
+    return _exact_plan_p.bind(cost, a, b)
 
 
 def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
@@ -204,7 +259,7 @@ def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
         \|x_i - y_j\|^2
 
     KD2M's "empirical" measure model (arXiv:2504.01757; authors' ``empirical_w2`` solves
-    it with ``ot.emd``). The plan is found on the host through ``jax.pure_callback``:
+    it with ``ot.emd``). The plan is found on the host through a Python callback (see ``_exact_plan_p``):
     with ``n == m`` and uniform weights it is a permutation
     (``scipy.optimize.linear_sum_assignment``), otherwise the transport LP is solved
     with HiGHS (``scipy.optimize.linprog``; fine up to a few hundred points). Zero-weight
@@ -214,7 +269,8 @@ def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
     returned value ``<gamma*, C(x, y)>`` is differentiated through the cost only; this is
     the exact gradient wherever the optimal plan is unique. ``a``, ``b`` get no gradient.
     Works under ``jit`` and ``vmap`` (the callback loops over the mapped problems on the
-    host); it is host-bound and synchronous, see ``benchmarks/ot.py``.
+    host) and on multi-device meshes (global batch, solved once on the first device);
+    it is host-bound and synchronous, see ``benchmarks/ot.py``.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -70,7 +70,6 @@ def test_kd2m_driver_end_to_end_and_resume(tmp_path):
             f"--config.dataset.data_dir={tmp_path}/data", "--config.dataset.num_train=900",
             "--config.dataset.num_test=200", "--config.dataset.val_size=200",
             "--config.seeds=2", "--config.teacher.epochs=2", "--config.student.epochs=2",
-            "--config.num_devices=1",   # see the report: exact_ot callback on 8 fake devices
             "--config.student.evaluations=1", "--config.progress=False",
             "--config.teacher.model_kwargs.channels=(8, 16)",
             "--config.student.model_kwargs.channels=(16,)", f"--config.run_names={names}"]
