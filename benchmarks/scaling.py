@@ -29,7 +29,7 @@ n, batch, steps = int(sys.argv[1]), int(sys.argv[2]), 16
 mesh = make_mesh(n) if jax.devices()[0].platform != "cpu" or jax.device_count() >= n else None
 d, state, tvars, b = build("default", batch)
 data = {k: jnp.concatenate([v] * steps) for k, v in b.items()}
-epoch = d.jit_epoch(batch, mesh)
+epoch = d.epoch_runner(batch, b["x"], mesh)
 state, data, tvars = replicate(state, mesh), replicate(data, mesh), replicate(tvars, mesh)
 holder = {"s": state}
 def run():
@@ -39,7 +39,8 @@ first = None
 fresh = replicate(d.init(0, b["x"][:2], tvars), mesh)
 _, t0 = jax.jit(d.epoch_fn(batch, mesh))(fresh, tvars, data)
 t = time_fn(run, repeats=3)["min_s"]
-print(json.dumps({"devices": n, "epoch_s": t, "samples_per_s": steps * batch / t,
+print(json.dumps({"devices": n, "mode": d.resolve_epoch_mode(b["x"], mesh), "epoch_s": t,
+                  "samples_per_s": steps * batch / t,
                   "first_epoch_loss": float(t0["total"]),
                   "platform": jax.devices()[0].platform}))
 """
