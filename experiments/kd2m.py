@@ -14,6 +14,7 @@ so a killed job resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -43,8 +44,15 @@ FEATURE = "pooled"
 # --- data ----------------------------------------------------------------------------------
 
 def load_data(cfg):
-    """train / val (held out of train) / test: see :func:`experiments.common.load_splits`."""
-    return load_splits(cfg.dataset)
+    """train / val (held out of train) / test: see :func:`experiments.common.load_splits`.
+
+    With 1-D conv networks (``cnn1d``) image datasets (``digits``: ``[N, 8, 8, 1]``) are
+    read as signals ``[N, H * W, C]`` (row-major pixels: 64-long signals for digits)."""
+    splits = load_splits(cfg.dataset)
+    if cfg.student.model == "cnn1d" and splits[0].x.ndim == 4:
+        splits = tuple(dataclasses.replace(s, x=s.x.reshape(len(s), -1, s.x.shape[-1]))
+                       for s in splits)
+    return splits
 
 
 def features(module, variables, x, mesh, batch_size=512):

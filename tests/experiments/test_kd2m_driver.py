@@ -129,3 +129,13 @@ def test_paper_config_one_training_step_on_mock_cifar10(tmp_path):
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
                                      state.params["student"], new.params["student"])
     assert any(jax.tree_util.tree_leaves(changed))
+
+
+def test_digits_variant_reads_images_as_signals(tmp_path):
+    cfg = kd2m.load(["digits", f"--config.dataset.data_dir={tmp_path}"])
+    train, val, test = kd2m.load_data(cfg)
+    assert train.x.shape[1:] == val.x.shape[1:] == test.x.shape[1:] == (64, 1)
+    student = models.create(cfg.student.model, 10, **cfg.student.model_kwargs.to_dict())
+    variables = student.init(jax.random.PRNGKey(0), jnp.asarray(train.x[:2]), train=False)
+    logits, feats = student.apply(variables, jnp.asarray(train.x[:3]), train=False)
+    assert logits.shape == (3, 10) and feats["pooled"].shape == (3, 128)
