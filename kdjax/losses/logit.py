@@ -232,8 +232,10 @@ def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Arr
 
     def kl(log_t, log_s):
         p_t = jnp.exp(log_t)
-        return jnp.sum(jnp.where(p_t > 0, p_t * (log_t - jnp.where(p_t > 0, log_s, 0.0)),
-                                 0.0), axis=-1)
+        # 0 log 0 = 0 for the masked (-inf) entries, without forming 0 * (-inf) = NaN
+        pos = p_t > 0
+        return jnp.sum(p_t * (jnp.where(pos, log_t, 0.0) - jnp.where(pos, log_s, 0.0)),
+                       axis=-1)
 
     tckd = kl(binary_logprobs(zt), binary_logprobs(zs))
     masked_t = jax.nn.log_softmax(jnp.where(target, -jnp.inf, zt), axis=-1)
@@ -246,13 +248,9 @@ def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Arr
 def _pearson_rows(a, b, eps):
     a = a - jnp.mean(a, axis=-1, keepdims=True)
     b = b - jnp.mean(b, axis=-1, keepdims=True)
-    return jnp.sum(a * b, axis=-1) / (_safe_norm(a) * _safe_norm(b) + eps)
-
-
-def _safe_norm(x):
-    """``||x||_2`` over the last axis with a zero (not NaN) gradient at ``x = 0``."""
-    sq = jnp.sum(x * x, axis=-1)
-    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+    # optax.safe_norm: ||.||_2 with a zero (not NaN) gradient at 0
+    return jnp.sum(a * b, axis=-1) / (optax.safe_norm(a, 0.0, axis=-1) *
+                                      optax.safe_norm(b, 0.0, axis=-1) + eps)
 
 
 def dist(student_logits: chex.Array, teacher_logits: chex.Array,

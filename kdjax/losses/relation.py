@@ -289,8 +289,8 @@ def pkt(student: chex.Array, teacher: chex.Array, eps: float = 1e-7) -> chex.Arr
     check_positive(eps, "eps")
 
     def probs(f):
-        norm = jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True))
-        f = f / (norm + eps)
+        # optax.safe_norm: a zero row stays 0 with a zero (not NaN) gradient
+        f = f / (optax.safe_norm(f, 0.0, axis=-1, keepdims=True) + eps)
         k = (f @ f.T + 1.0) / 2.0
         return k / jnp.sum(k, axis=-1, keepdims=True)
 
