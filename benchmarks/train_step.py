@@ -23,7 +23,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks._common import cost_flops, matmul_peak_flops, report, time_fn
 from kdjax import methods, models

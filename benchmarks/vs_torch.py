@@ -23,7 +23,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from benchmarks._common import report, time_fn
 from benchmarks.train_step import build

@@ -503,17 +503,17 @@ def _per_example(g: _Graph, lo, hi, spec, method: str):
         val = jnp.reshape(out.value, (-1,)).astype(jnp.float32)
         v = val if spec is None else spec @ val
         return v, v
-    tighten = None
-    if method == "crown":
-        def tighten(i, a, lows, highs):
-            if a == 0:
-                return lows[a], highs[a]
-            n = int(np.prod(g.nodes[a].shape))
-            eye = jnp.eye(n, dtype=jnp.float32)
-            lc, uc = _spec_bounds(g, a, eye, lows, highs, lo, hi, relax=True)
-            shp = g.nodes[a].shape
-            return (jnp.maximum(lows[a], lc.reshape(shp)),
-                    jnp.minimum(highs[a], uc.reshape(shp)))
+    def crown_tighten(i, a, lows, highs):
+        if a == 0:
+            return lows[a], highs[a]
+        n = int(np.prod(g.nodes[a].shape))
+        eye = jnp.eye(n, dtype=jnp.float32)
+        lc, uc = _spec_bounds(g, a, eye, lows, highs, lo, hi, relax=True)
+        shp = g.nodes[a].shape
+        return (jnp.maximum(lows[a], lc.reshape(shp)),
+                jnp.minimum(highs[a], uc.reshape(shp)))
+
+    tighten = crown_tighten if method == "crown" else None
     lows, highs = _forward_ibp(g, lo, hi, upto=out, tighten=tighten)
     if method == "ibp" and spec is None:
         return lows[out].reshape(-1), highs[out].reshape(-1)

@@ -23,7 +23,7 @@ method state: the loss uses the queue, then enqueues the (global) teacher batch.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 

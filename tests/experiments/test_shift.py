@@ -1,11 +1,9 @@
 """experiments/shift.py: config validation, loss composition, cell keys, end-to-end smoke."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from experiments import grid
 from experiments import shift as S
 from experiments.configs import shift as C
 from kdjax.config import config_hash, load_config

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
