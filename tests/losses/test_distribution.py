@@ -80,7 +80,7 @@ def test_exact_ot_host_solver_gets_plain_numpy_under_a_sharded_jit(monkeypatch, 
     mesh = jax.make_mesh((n_devices,), ("data",))
     x, y = _rand(30, 8 * n_devices, 3), _rand(31, 8 * n_devices, 3, shift=0.4)
     xs, ys = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
-    value, grad = jax.jit(jax.value_and_grad(D.exact_ot))(xs, ys)
+    value, grad = jax.block_until_ready(jax.jit(jax.value_and_grad(D.exact_ot))(xs, ys))
     assert seen and all(t is np.ndarray for call in seen for t in call), seen
     # same value and gradient as the unsharded eager call (global-batch semantics)
     ref, ref_grad = jax.value_and_grad(D.exact_ot)(x, y)
