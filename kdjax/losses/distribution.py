@@ -533,6 +533,37 @@ def _moments(x, a):
     return mu, xc, a @ (xc * xc)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _psd_sqrt(s, eig_floor):
+    """``S^1/2`` of a symmetric PSD matrix by ``eigh``; eigenvalues below ``eig_floor``
+    times the largest (stop-gradient) are set to 0.
+
+    Custom JVP: ``dR = V [(V^T dS V)_ij / (r_i + r_j)] V^T`` (the Sylvester equation
+    ``R dR + dR R = dS`` in the eigenbasis, ``r = sqrt(lambda)``; 0 where ``r_i + r_j =
+    0``). Differentiating through ``eigh`` instead divides by eigenvalue *differences*,
+    which is NaN for repeated eigenvalues, e.g. the zero covariance of a one-point class
+    under :func:`conditional`.
+    """
+    return _psd_sqrt_parts(s, eig_floor)[0]
+
+
+def _psd_sqrt_parts(s, eig_floor):
+    w, v = jnp.linalg.eigh(s)
+    fl = eig_floor * jax.lax.stop_gradient(jnp.maximum(jnp.max(w), _TINY))
+    r = _safe_sqrt(w, fl)
+    return (v * r) @ v.T, r, v
+
+
+@_psd_sqrt.defjvp
+def _psd_sqrt_jvp(eig_floor, primals, tangents):
+    (s,), (ds,) = primals, tangents
+    root, r, v = _psd_sqrt_parts(s, eig_floor)
+    denom = r[:, None] + r[None, :]
+    pos = denom > 0
+    core = jnp.where(pos, (v.T @ ds @ v) / jnp.where(pos, denom, 1.0), 0.0)
+    return root, v @ core @ v.T
+
+
 def gaussian_w2(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
                 b: chex.Array | None = None, *, diagonal: bool = False,
                 eig_floor: float = 1e-6) -> chex.Array:
@@ -584,9 +615,7 @@ def gaussian_w2(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
         gram = g.T @ g if m <= n else g @ g.T
     else:
         sx_cov, sy_cov = xs.T @ xs, ys.T @ ys
-        w, v = jnp.linalg.eigh(0.5 * (sx_cov + sx_cov.T))
-        fl = eig_floor * jax.lax.stop_gradient(jnp.maximum(jnp.max(w), _TINY))
-        root = (v * _safe_sqrt(w, fl)) @ v.T
+        root = _psd_sqrt(0.5 * (sx_cov + sx_cov.T), eig_floor)
         gram = root @ sy_cov @ root
     gram = 0.5 * (gram + gram.T)
     w = jnp.linalg.eigvalsh(gram)
