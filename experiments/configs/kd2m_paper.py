@@ -43,6 +43,7 @@ def get_config(dataset: str = "cifar10"):
     c.teacher.model_kwargs = ml_collections.ConfigDict()
     c.teacher.epochs = 60
     c.teacher.batch_size = 128
+    c.teacher.augment = "crop_flip"
     c.teacher.optimizer = ml_collections.ConfigDict(
         dict(sgd, learning_rate=0.05, weight_decay=5e-4))
 

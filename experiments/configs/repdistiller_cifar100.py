@@ -46,7 +46,7 @@ def get_config():
              "num_test": 0, "val_size": 5000, "max_examples": 0})
         s.teacher = ml_collections.ConfigDict(
             {"model": teacher, "model_kwargs": ml_collections.ConfigDict(), "epochs": 240,
-             "batch_size": 64, "seed": 0, "optimizer": _sgd()})
+             "batch_size": 64, "seed": 0, "optimizer": _sgd(), "augment": "crop_flip"})
         s.student = ml_collections.ConfigDict(
             {"model": student, "model_kwargs": ml_collections.ConfigDict(), "epochs": 240,
              "batch_size": 64, "evaluations": 24, "augment": "crop_flip",

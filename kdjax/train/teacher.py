@@ -17,6 +17,7 @@ import numpy as np
 
 from kdjax import methods, models
 from kdjax.config import config_hash
+from kdjax.data import get_augmentation
 from kdjax.train.checkpoint import load_pytree, save_pytree
 from kdjax.train.engine import Distiller
 from kdjax.train.loop import EvalSet, fit
@@ -37,12 +38,22 @@ def get_teacher(teacher_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
     """Returns ``(module, variables, meta)``, training and caching on a miss.
 
     ``teacher_cfg``: ``model`` (name), ``model_kwargs``, ``epochs``, ``batch_size``,
-    ``optimizer`` (see :func:`kdjax.train.make_optimizer`), ``seed``.
+    ``optimizer`` (see :func:`kdjax.train.make_optimizer`), ``seed``, and optionally
+    ``augment`` (a :func:`kdjax.data.get_augmentation` name, e.g. ``"crop_flip"`` for
+    CIFAR teachers; absent, ``""`` or ``"none"``: no augmentation) with
+    ``augment_kwargs``. The cache key hashes the whole config, so a teacher trained
+    with augmentation is cached apart from one trained without.
     ``train``/``val``: dicts with ``x`` and ``y``.
     """
     tc = teacher_cfg.to_dict() if hasattr(teacher_cfg, "to_dict") else dict(teacher_cfg)
     dc = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
     module = models.create(tc["model"], num_classes, **dict(tc.get("model_kwargs", {})))
+    aug_name = tc.get("augment") or "none"
+    try:   # validated before any training or cache lookup
+        augment = get_augmentation(aug_name, **dict(tc.get("augment_kwargs") or {}))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"teacher config 'augment'/'augment_kwargs': {e}") from None
+    augment = None if aug_name == "none" else augment
     key = config_hash(tc, dc, num_classes)
     path = os.path.join(os.path.abspath(cache_dir), f"teacher_{key}")
     meta_path = os.path.join(path + "_meta.json")
@@ -57,7 +68,7 @@ def get_teacher(teacher_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
     steps = len(train["x"]) // tc["batch_size"]
     tx = make_optimizer(tc["optimizer"], total_steps=steps * tc["epochs"],
                         steps_per_epoch=steps)
-    distiller = Distiller(module, (methods.build({"name": "ce"}),), tx)
+    distiller = Distiller(module, (methods.build({"name": "ce"}),), tx, augment=augment)
     state = distiller.init(int(tc.get("seed", 0)), train["x"][:2])
     _, best, history = fit(distiller, state, None, {"x": train["x"], "y": train["y"]},
                            epochs=tc["epochs"], batch_size=tc["batch_size"], mesh=mesh,

@@ -113,6 +113,7 @@ def test_paper_config_one_training_step_on_mock_cifar10(tmp_path):
     run = kd2m_config.make_runs(["kd2m_exact_ot"], float(cfg.kd2m_weight))[0]
     built = tuple(methods.build(m) for m in run["methods"])
     assert [m.weight for m in built] == [1.0, 1e-4]
+    assert cfg.teacher.augment == "crop_flip"   # get_teacher trains it with crop+flip
     tx = make_optimizer(cfg.student.optimizer, total_steps=15, steps_per_epoch=1)
     from kdjax.data import get_augmentation
     distiller = Distiller(student, built, tx, teacher=teacher,

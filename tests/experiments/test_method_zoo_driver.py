@@ -51,6 +51,7 @@ def test_repdistiller_config_is_the_reference_protocol():
     for n in cfg.setting_names:
         st = cfg.settings[n].student
         assert st.epochs == 240 and st.batch_size == 64 and st.augment == "crop_flip"
+        assert cfg.settings[n].teacher.augment == "crop_flip"   # RepDistiller's teachers too
         assert st.optimizer.to_dict() == {
             "name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
             "schedule": "step", "decay_epochs": (150, 180, 210), "decay_factor": 0.1}
