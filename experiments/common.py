@@ -1,11 +1,16 @@
-"""Pieces shared by the drivers (data splits)."""
+"""Pieces shared by the drivers (data splits, cached teacher + logits, seed training)."""
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kdjax import data as kdata
-from kdjax.train import predict
+from kdjax.train import Checkpointer, fit, predict
 from kdjax.train.teacher import get_teacher, teacher_apply
 
 
@@ -50,3 +55,28 @@ def teacher_and_logits(teacher_cfg, dataset_cfg, train, val, test, *, cache_dir:
     logits = {k: predict(apply, d.x, 512, mesh)
               for k, d in (("train", train), ("val", val), ("test", test))}
     return module, variables, meta, logits
+
+
+def fit_seeds(distiller, teacher_vars, data, seeds: Sequence[int], *, vmap: bool,
+              ckpt_dir: str, name: str, example_x, **fit_kwargs):
+    """Trains one student per seed: as one vmapped program when ``vmap`` and there are
+    several seeds (checkpoint ``<name>_<s1>_<s2>...``), else one after the other
+    (checkpoints ``<name>_<s>``). Seed ``s`` initialises from ``PRNGKey(s)`` either way.
+    ``fit_kwargs`` go to :func:`kdjax.train.fit`. Returns ``(bests, history)``: one best
+    record per seed, and the evaluation rows with their ``seed_index``."""
+    if vmap and len(seeds) > 1:
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+        state = jax.vmap(lambda k: distiller.init(k, example_x, teacher_vars))(keys)
+        ckpt = Checkpointer(os.path.join(ckpt_dir, name + "_" + "_".join(map(str, seeds))))
+        _, bests, history = fit(distiller, state, teacher_vars, data, checkpointer=ckpt,
+                                num_seeds=len(seeds), **fit_kwargs)
+        return bests, history
+    bests, history = [], []
+    for s in seeds:
+        ckpt = Checkpointer(os.path.join(ckpt_dir, f"{name}_{s}"))
+        state = distiller.init(s, example_x, teacher_vars)
+        _, best, h = fit(distiller, state, teacher_vars, data, checkpointer=ckpt,
+                         **fit_kwargs)
+        history += [dict(r, seed_index=len(bests)) for r in h]
+        bests.append(best)
+    return bests, history

@@ -282,11 +282,7 @@ def plot_bars(summary, metrics, path, title=""):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, ncol=len(metrics))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def main(argv=None):

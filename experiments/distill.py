@@ -15,15 +15,13 @@ import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import load_splits, teacher_and_logits
+from experiments.common import fit_seeds, load_splits, teacher_and_logits
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
-from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer,
-                         predict)
+from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import teacher_apply
@@ -81,26 +79,11 @@ def run_students(cfg, run, train, val, test, teacher, tvars, logits, mesh, ckpt_
         return [], []
     eval_sets = {"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])}
     every = max(1, epochs // cfg.student.evaluations)  # evaluate + checkpoint this often
-    ckpt = Checkpointer(os.path.join(ckpt_dir, run["name"] + "_" + "_".join(map(str, seeds))))
-    if cfg.vmap_seeds and len(seeds) > 1:
-        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-        state = jax.vmap(lambda k: distiller.init(k, train.x[:2], tvars))(keys)
-        _, bests, history = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b,
-                                mesh=mesh, eval_sets=eval_sets, select_on="val",
-                                eval_every=every, checkpoint_every=every,
-                                checkpointer=ckpt, num_seeds=len(seeds),
-                                progress=cfg.progress, desc=run["name"])
-    else:
-        bests, history = [], []
-        for s in seeds:
-            ck = Checkpointer(os.path.join(ckpt_dir, f"{run['name']}_{s}"))
-            state = distiller.init(s, train.x[:2], tvars)
-            _, best, h = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b,
-                             mesh=mesh, eval_sets=eval_sets, select_on="val",
-                             eval_every=every, checkpoint_every=every,
-                             checkpointer=ck, progress=cfg.progress, desc=run["name"])
-            bests.append(best)
-            history += [dict(r, seed_index=len(bests) - 1) for r in h]
+    bests, history = fit_seeds(
+        distiller, tvars, data, seeds, vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir,
+        name=run["name"], example_x=train.x[:2], epochs=epochs, batch_size=b, mesh=mesh,
+        eval_sets=eval_sets, select_on="val", eval_every=every, checkpoint_every=every,
+        progress=cfg.progress, desc=run["name"])
     rows = []
     for i, (s, best) in enumerate(zip(seeds, bests)):
         variables = {"params": best["params"]}
@@ -142,11 +125,7 @@ def plot_curves(curves, path):
     ax.set_ylabel("validation accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -32,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import fit_seeds
 from experiments.configs import faithful as faithful_config
 from kdjax import data as kdata
 from kdjax import faithfulness as F
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
-from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer, predict
+from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
@@ -110,19 +111,8 @@ def train_students(cfg, run, train, val, teacher, tvars, val_logits, clip, mesh,
     common = dict(epochs=epochs, batch_size=b, mesh=mesh, eval_sets=eval_sets,
                   select_on="val", eval_every=every, checkpoint_every=every,
                   progress=cfg.progress, desc=run["name"])
-    if cfg.vmap_seeds and len(seeds) > 1:
-        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-        state = jax.vmap(lambda k: distiller.init(k, train.x[:2], tvars))(keys)
-        ckpt = Checkpointer(os.path.join(ckpt_dir, run["name"] + "_" + "_".join(map(str, seeds))))
-        _, bests, _ = fit(distiller, state, tvars, data, checkpointer=ckpt,
-                          num_seeds=len(seeds), **common)
-    else:
-        bests = []
-        for s in seeds:
-            ckpt = Checkpointer(os.path.join(ckpt_dir, f"{run['name']}_{s}"))
-            _, best, _ = fit(distiller, distiller.init(s, train.x[:2], tvars), tvars, data,
-                             checkpointer=ckpt, **common)
-            bests.append(best)
+    bests, _ = fit_seeds(distiller, tvars, data, seeds, vmap=cfg.vmap_seeds,
+                         ckpt_dir=ckpt_dir, name=run["name"], example_x=train.x[:2], **common)
     out = []
     for best in bests:
         v = {"params": best["params"]}
@@ -216,11 +206,7 @@ def plot_gaps(summary_by_run, eps_grid, path):
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def _flat(row, cfg):

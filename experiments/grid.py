@@ -25,7 +25,6 @@ import dataclasses
 import difflib
 import itertools
 import math
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -338,15 +337,6 @@ def pivot_markdown(table: Mapping[tuple[Any, Any], Mapping[str, Any]], row_order
 
 # -------------------------------------------------------------------------- plots
 
-def _save(fig, path: str) -> None:
-    """Atomic PNG write (temp file in the same directory + rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, ".tmp_" + os.path.basename(path))
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
-
-
 def plot_bars(table: Mapping[tuple[Any, Any], Mapping[str, Any]], row_order: Sequence,
               col_order: Sequence, path: str, *, ylabel: str, scale: float = 100.0,
               title: str = "") -> None:
@@ -370,9 +360,7 @@ def plot_bars(table: Mapping[tuple[Any, Any], Mapping[str, Any]], row_order: Seq
         ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=max(1, n // 8), loc="lower right")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def plot_scatter(x_table, y_table, row_order: Sequence, col_order: Sequence, path: str, *,
@@ -406,6 +394,4 @@ def plot_scatter(x_table, y_table, row_order: Sequence, col_order: Sequence, pat
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="best")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    R.save_figure(fig, path)

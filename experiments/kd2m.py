@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import load_splits, teacher_and_logits
+from experiments.common import fit_seeds, load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import losses, methods, models
 from kdjax.config import config_hash, load_config, parse_cli
-from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer,
-                         predict)
+from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
 from kdjax.train import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import teacher_apply
@@ -133,18 +132,8 @@ def run_students(cfg, run, train, val, test, teacher, tvars, logits, t_test_feat
                   select_on="val", eval_every=every, checkpoint_every=every,
                   progress=cfg.progress, desc=run["name"])
     tv = None if only_ce else tvars
-    if cfg.vmap_seeds and len(seeds) > 1:
-        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-        state = jax.vmap(lambda k: distiller.init(k, train.x[:2], tv))(keys)
-        ckpt = Checkpointer(os.path.join(ckpt_dir, run["name"] + "_" + "_".join(map(str, seeds))))
-        _, bests, _ = fit(distiller, state, tv, data, checkpointer=ckpt,
-                          num_seeds=len(seeds), **common)
-    else:
-        bests = []
-        for s in seeds:
-            ckpt = Checkpointer(os.path.join(ckpt_dir, f"{run['name']}_{s}"))
-            state = distiller.init(s, train.x[:2], tv)
-            bests.append(fit(distiller, state, tv, data, checkpointer=ckpt, **common)[1])
+    bests, _ = fit_seeds(distiller, tv, data, seeds, vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir,
+                         name=run["name"], example_x=train.x[:2], **common)
     n_held = min(cfg.heldout_examples or len(test), len(test))
     rows = []
     for s, best in zip(seeds, bests):
@@ -204,11 +193,7 @@ def plot(summary, path, teacher_acc):
     ax2.set_ylabel("test accuracy (%)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def load(argv):

@@ -276,11 +276,7 @@ def plot_weights(w_dirs, rows, path):
             ax.set_title(f"{s} / {r}", fontsize=9)
             ax.set_xlabel("weight")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path, dpi=110)
 
 
 def load_teachers(cfg, train, val):

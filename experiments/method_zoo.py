@@ -181,11 +181,7 @@ def plot(summaries, setting_names, method_names, teacher_acc, path):
         ax.set_title(s)
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def load(argv):

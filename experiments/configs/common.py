@@ -16,3 +16,19 @@ def cnn1d_teacher() -> ml_collections.ConfigDict:
     t.optimizer = ml_collections.ConfigDict(
         {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
     return t
+
+
+def validate_common(c) -> None:
+    """Checks of the keys the distill, kd2m and faithful configs share (seeds, dataset
+    sizes, teacher/student epochs and batch size), with messages naming the key."""
+    if c.seeds < 1:
+        raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
+    if c.dataset.val_size < 1:
+        raise ValueError(f"config.dataset.val_size must be >= 1, got {c.dataset.val_size}.")
+    if (c.dataset.num_train or c.dataset.num_test) and c.dataset.name != "mnist1d":
+        raise ValueError("config.dataset.num_train/num_test only apply to mnist1d, got "
+                         f"dataset.name={c.dataset.name!r}.")
+    for part in ("teacher", "student"):
+        for k in ("epochs", "batch_size"):
+            if c[part][k] < 1:
+                raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")

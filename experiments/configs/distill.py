@@ -13,7 +13,7 @@ Override from the command line: ``python -m experiments.distill --config.seeds=5
 
 import ml_collections
 
-from experiments.configs.common import cnn1d_teacher
+from experiments.configs.common import cnn1d_teacher, validate_common
 
 
 def get_config():
@@ -60,19 +60,9 @@ def validate(c):
     if c.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError("config.compute_dtype must be one of ['bfloat16', 'float32'], "
                          f"got {c.compute_dtype!r}.")
-    if c.seeds < 1:
-        raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
-    if c.dataset.val_size < 1:
-        raise ValueError(f"config.dataset.val_size must be >= 1, got {c.dataset.val_size}.")
-    if (c.dataset.num_train or c.dataset.num_test) and c.dataset.name != "mnist1d":
-        raise ValueError("config.dataset.num_train/num_test only apply to mnist1d, got "
-                         f"dataset.name={c.dataset.name!r}.")
+    validate_common(c)
     if c.labelled < 0:
         raise ValueError(f"config.labelled must be >= 0, got {c.labelled}.")
-    for part in ("teacher", "student"):
-        for k in ("epochs", "batch_size"):
-            if c[part][k] < 1:
-                raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")
     if not c.runs:
         raise ValueError("config.runs must name at least one run.")
     for r in c.runs:

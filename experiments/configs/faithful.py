@@ -29,6 +29,8 @@ Variants (``python -m experiments.faithful [variant] --config.k=v``):
 
 import ml_collections
 
+from experiments.configs.common import validate_common
+
 VARIANTS = ("digits", "mnist1d", "mnist", "fashion_mnist")
 # which columns the table shows (eps = eval.report_eps, delta = eval.report_delta)
 METRICS = ("test_accuracy", "test_agreement", "pgd_gap", "ibp_gap", "crown_gap",
@@ -131,17 +133,7 @@ def get_config(variant: str = "digits"):
 
 def validate(c):
     """Value checks with messages naming the key."""
-    if c.seeds < 1:
-        raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
-    if c.dataset.val_size < 1:
-        raise ValueError(f"config.dataset.val_size must be >= 1, got {c.dataset.val_size}.")
-    if (c.dataset.num_train or c.dataset.num_test) and c.dataset.name != "mnist1d":
-        raise ValueError("config.dataset.num_train/num_test only apply to mnist1d, got "
-                         f"dataset.name={c.dataset.name!r}.")
-    for part in ("teacher", "student"):
-        for k in ("epochs", "batch_size"):
-            if c[part][k] < 1:
-                raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")
+    validate_common(c)
     if c.eval.num_points < 1 or not 0 <= c.eval.crown_points <= c.eval.num_points:
         raise ValueError(f"config.eval.num_points must be >= 1 and config.eval.crown_points "
                          f"in [0, num_points], got {c.eval.num_points} and "

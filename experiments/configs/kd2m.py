@@ -28,7 +28,7 @@ signals); overrides ``--config.seeds=5 --config.student.epochs=40
 
 import ml_collections
 
-from experiments.configs.common import cnn1d_teacher
+from experiments.configs.common import cnn1d_teacher, validate_common
 
 # name -> method config of the distance term (the CE term is added to every run)
 DISTANCES = {
@@ -127,17 +127,7 @@ def get_config(variant: str = "mnist1d"):
 
 def validate(c):
     """Value checks with messages naming the key."""
-    if c.seeds < 1:
-        raise ValueError(f"config.seeds must be >= 1, got {c.seeds}.")
-    if c.dataset.val_size < 1:
-        raise ValueError(f"config.dataset.val_size must be >= 1, got {c.dataset.val_size}.")
-    if (c.dataset.num_train or c.dataset.num_test) and c.dataset.name != "mnist1d":
-        raise ValueError("config.dataset.num_train/num_test only apply to mnist1d, got "
-                         f"dataset.name={c.dataset.name!r}.")
-    for part in ("teacher", "student"):
-        for k in ("epochs", "batch_size"):
-            if c[part][k] < 1:
-                raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")
+    validate_common(c)
     if c.student.evaluations < 1:
         raise ValueError(f"config.student.evaluations must be >= 1, got "
                          f"{c.student.evaluations}.")

@@ -57,6 +57,20 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Lays out and writes a matplotlib figure to ``path`` (PNG) atomically (temp file in
+    the same directory + rename), then closes it."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, ".tmp_" + os.path.basename(path))
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, path)
+    import matplotlib.pyplot as plt   # lazy: kdjax itself does not need matplotlib
+
+    plt.close(fig)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """Rows of a JSON-lines file ([] if missing); a torn last line is ignored."""
     if not os.path.exists(path):
