@@ -288,7 +288,8 @@ class Distiller:
         ckey = (batch_size, mesh, num_seeds, index_fn)
         if ckey not in cache:
             plan = lambda st, d: self._epoch_plan(st, d, batch_size, index_fn)
-            step = lambda st, tv, d, k, i, rows: self._step_at(st, tv, d, k, i, rows, mesh)
+            # the step picks its rows of the epoch plan itself: one dispatch per step
+            step = lambda st, tv, d, k, i, idx: self._step_at(st, tv, d, k, i, idx[i], mesh)
             bump = lambda st: st.replace(epoch=st.epoch + 1)
             if num_seeds:
                 plan = jax.vmap(plan, in_axes=(0, None))
@@ -301,8 +302,7 @@ class Distiller:
                 key, idx = plan(state, data)
                 terms = []
                 for i in range(idx.shape[-2]):
-                    rows = idx[..., i, :]
-                    state, t = step(state, teacher_vars, data, key, i, rows)
+                    state, t = step(state, teacher_vars, data, key, i, idx)
                     terms.append(t)
                 mean = jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v), 0), *terms)
                 return bump(state), mean
