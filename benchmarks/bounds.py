@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._common import report, time_fn
-from kdjax import faithfulness as F
+from kdjax import faithful as F
 from kdjax.models import CNN2D, MLP
 
 

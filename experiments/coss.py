@@ -32,8 +32,8 @@ from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.data.core import normalize_like
 from kdjax.data.neighbors import knn_graph, neighbor_batches
-from kdjax.probes import knn_accuracy, linear_probe
-from kdjax.ssl import SimCLR, view_augment
+from kdjax.evaluation.probes import knn_accuracy, linear_probe
+from kdjax.recipes.simclr import SimCLR, view_augment
 from kdjax.train import (Checkpointer, Distiller, fit, load_pytree, make_mesh,
                          make_optimizer, predict, save_pytree)
 from kdjax.train import results as R

@@ -9,7 +9,7 @@ Finished (run, seed) rows are skipped on rerun (rows keyed by the config hash) a
 checkpoint as they train.
 
 Evaluated per student, ``y`` the teacher's label, ``B_eps(x)`` the clipped L-inf ball
-(kdjax's formalism, :mod:`kdjax.faithfulness`):
+(kdjax's formalism, :mod:`kdjax.faithful`):
 
 * ``pgd_gap``: mean over points of the PGD lower bound on
   ``Delta(x) = max_{x' in B_eps(x)} |p^S_y(x') - p^T_y(x')|`` (joint attack, restarts);
@@ -35,7 +35,7 @@ import numpy as np
 from experiments.common import fit_seeds
 from experiments.configs import faithful as faithful_config
 from kdjax import data as kdata
-from kdjax import faithfulness as F
+from kdjax import faithful as F
 from kdjax import methods, models
 from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict

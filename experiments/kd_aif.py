@@ -32,7 +32,8 @@ import optax
 from flax import serialization
 
 from experiments.distill import labelled_subset, load_data
-from kdjax import kd_aif, methods, models
+from kdjax import methods, models
+from kdjax.recipes import kd_aif
 from kdjax.config import config_hash, load_config, parse_cli
 from kdjax.influence import influence_weights
 from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_optimizer, predict

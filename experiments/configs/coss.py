@@ -51,7 +51,7 @@ def get_config(variant: str = "mnist1d"):
     # none); normalised with the SOURCE train statistics.
     c.dataset.shift_config = "shear" if variant == "mnist1d" else ""
 
-    # Augmented views of SimCLR (teacher and the SimCLR-only student), kdjax.ssl.
+    # Augmented views of SimCLR (teacher and the SimCLR-only student), kdjax.recipes.simclr.
     c.ssl = ml_collections.ConfigDict()
     c.ssl.temperature = 0.5
     c.ssl.proj_dim = 64

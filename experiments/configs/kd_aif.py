@@ -80,7 +80,7 @@ def get_config(arg: str = "mnist1d"):
     # Teacher update with the student (KD-AIF sec. 3, "as in meta pseudo labels"; semi
     # setting only). "none": the teacher is frozen. "mpl": before distilling, the
     # labelled-only semi teacher is trained further for mpl.steps joint MPL steps
-    # (kdjax.kd_aif.fit_mpl) with a feedback student (architecture of c.student, init
+    # (kdjax.recipes.kd_aif.fit_mpl) with a feedback student (architecture of c.student, init
     # and batch order from mpl.seed): teacher gradient = first-order MPL signal (the
     # student's CE on the labelled validation split after one SGD look-ahead step of
     # lr mpl.student_lr on the teacher's tau-softened pseudo-labels of an unlabelled

@@ -63,7 +63,7 @@ METHODS = [
     {"name": "coss", "methods": [{"name": "coss"}]},
     {"name": "cosine", "methods": [{"name": "cosine"}]},
     {"name": "seed", "methods": [{"name": "seed", "queue_size": 4096}]},
-    # faithful distillation (kdjax.faithfulness; evaluate the networks inside an eps-ball)
+    # faithful distillation (kdjax.faithful; evaluate the networks inside an eps-ball)
     {"name": "faithful_pgd", "methods": [{"name": "faithful_pgd"}]},
     {"name": "faithful_certified", "methods": [{"name": "faithful_certified"}]},
     {"name": "adversarial_distillation", "methods": [{"name": "adversarial_distillation"}]},

@@ -10,25 +10,25 @@ differentiated and BatchNorm in eval mode, the teacher in eval mode). Combine th
 teacher's label at the clean point):
 
 * ``faithful_pgd`` (weight ``lambda``): :math:`\lambda\, \mathrm{obj}(x^{adv})`,
-  ``x^adv = argmax_{x' in B} obj(x')`` found by PGD (:func:`kdjax.faithfulness.pgd_gap`)
+  ``x^adv = argmax_{x' in B} obj(x')`` found by PGD (:func:`kdjax.faithful.pgd_gap`)
   with the *current* student, then held constant (``stop_gradient``): the gap
   ``|p^S_y(x^adv) - p^T_y(x^adv)|`` is differentiated at the found inputs only
   (Danskin: the gradient of the max at its maximiser). ``obj`` = ``objective``
   (``"gap"``, ``"over"``, ``"under"``).
 * ``faithful_certified`` (weight ``mu``): :math:`\mu\, \overline{\mathrm{obj}}(x)`, the
   certified upper bound of ``obj`` over the ball from IBP or CROWN-IBP margin bounds of
-  the joint teacher-student function (:func:`kdjax.faithfulness.margin_bounds`,
-  :func:`~kdjax.faithfulness.gap_upper_bound`), differentiable in the student.
+  the joint teacher-student function (:func:`kdjax.faithful.margin_bounds`,
+  :func:`~kdjax.faithful.gap_upper_bound`), differentiable in the student.
 * ``adversarial_distillation`` (Goldblum et al. 2020, "Adversarially Robust
   Distillation", Eq. 2 without its clean CE term):
   :math:`\tau^2\, \mathrm{KL}(p^T_\tau(x) \,\|\, p^S_\tau(x^{adv}))` with
   ``x^adv = argmax_{x' in B} KL(p^T_tau(x) || p^S_tau(x'))`` found by PGD on the student
-  (:func:`kdjax.faithfulness.adversarial_distillation_inputs`). Only the student's
+  (:func:`kdjax.faithful.adversarial_distillation_inputs`). Only the student's
   input gradient is needed. ARD's reference defaults (CIFAR-10: ``tau = 30``,
   ``eps = 8/255``, 10 steps) differ; kdjax uses ``tau = 4`` like ``kd``.
 
 **eps ramp.** All three read the radius from a schedule of the training step,
-``eps_t =`` :func:`kdjax.faithfulness.eps_ramp` ``(eps, warmup_steps, ramp_steps)(t)``:
+``eps_t =`` :func:`kdjax.faithful.eps_ramp` ``(eps, warmup_steps, ramp_steps)(t)``:
 0 for ``warmup_steps`` steps, then linear up to ``eps`` over ``ramp_steps`` steps, then
 ``eps`` (``ramp_steps = 0``: constant ``eps``). The engine does not pass its step to a
 method, so each method carries its own counter in its state: ``state = {"step": t}``,
@@ -57,7 +57,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from kdjax import faithfulness as F
+from kdjax import faithful as F
 from kdjax import losses
 from kdjax._checks import check_choice
 from kdjax.methods import Method, register
@@ -84,7 +84,7 @@ def _validate_schedule(name, eps, ramp_steps, warmup_steps):
 def current_eps(step: jax.Array, *, eps: float, ramp_steps: int = 0,
                 warmup_steps: int = 0) -> jax.Array:
     r"""Radius at training step ``step``: ``eps_t = eps * clip((t - warmup) / ramp, 0, 1)``
-    (:func:`kdjax.faithfulness.eps_ramp`); ``ramp_steps = 0`` gives ``eps`` from step
+    (:func:`kdjax.faithful.eps_ramp`); ``ramp_steps = 0`` gives ``eps`` from step
     ``warmup_steps`` on (0 before). float32 scalar, jit-safe."""
     _validate_schedule("current_eps", eps, ramp_steps, warmup_steps)
     step = jnp.asarray(step)

@@ -13,7 +13,7 @@ from experiments.configs import coss as coss_config
 from kdjax import methods, models
 from kdjax.config import load_config
 from kdjax.data.neighbors import knn_graph
-from kdjax.ssl import SimCLR, nt_xent, view_augment
+from kdjax.recipes.simclr import SimCLR, nt_xent, view_augment
 from kdjax.train import Distiller, make_optimizer
 
 
@@ -71,7 +71,7 @@ def test_neighbor_plan_groups_and_equal_steps():
     np.testing.assert_array_equal(plan, again)     # deterministic from the key
 
 
-# --- SimCLR pieces (kdjax.ssl) ----------------------------------------------------------
+# --- SimCLR pieces (kdjax.recipes.simclr) ----------------------------------------------------------
 
 def _nt_xent_numpy(z1, z2, tau):
     z = np.concatenate([z1, z2]).astype(np.float64)

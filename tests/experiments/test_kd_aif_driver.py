@@ -75,7 +75,7 @@ def test_kd_aif_driver_mpl_teacher_update_end_to_end(tmp_path):
     import optax
 
     from experiments.distill import load_data
-    from kdjax import kd_aif as lib
+    from kdjax.recipes import kd_aif as lib
     from kdjax import models
 
     mpl = ["--config.settings=['semi']", "--config.runs=['uniform']", "--config.seeds=1",

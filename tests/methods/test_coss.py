@@ -129,7 +129,7 @@ def test_coss_distillation_transfers_teacher_neighbourhoods():
     import optax
 
     from kdjax.data.neighbors import knn_graph, neighbor_batches
-    from kdjax.probes import knn_accuracy
+    from kdjax.evaluation.probes import knn_accuracy
 
     rng = np.random.default_rng(0)
     n, d_in, c = 1200, 20, 4

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import faithfulness as F
+from kdjax import faithful as F
 from kdjax import methods, models
 from kdjax.methods.faithful import current_eps, resolve_clip
 from kdjax.train import Distiller

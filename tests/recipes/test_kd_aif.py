@@ -9,7 +9,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from kdjax import kd_aif, methods, models
+from kdjax import methods, models
+from kdjax.recipes import kd_aif
 from kdjax.influence import influence_weights
 from kdjax.train import Distiller
 

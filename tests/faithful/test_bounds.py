@@ -1,4 +1,4 @@
-"""Tests of kdjax.bounds: IBP and CROWN over L-inf balls, on random networks.
+"""Tests of kdjax.faithful.bounds: IBP and CROWN over L-inf balls, on random networks.
 
 Soundness is checked against many random points of each ball (the bounds must contain
 every output), tightness at eps = 0 against the forward pass, and exactness of the
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax.bounds import crown_bounds, ibp_bounds, interval_box
+from kdjax.faithful.bounds import crown_bounds, ibp_bounds, interval_box
 from kdjax.models import CNN1D, CNN2D, MLP, ResNet
 
 TOL = 1e-5

@@ -44,7 +44,7 @@ from kdjax._checks import (
     check_weights,
     is_concrete,
 )
-from kdjax.bounds import crown_bounds, ibp_bounds
+from kdjax.faithful.bounds import crown_bounds, ibp_bounds
 from kdjax.losses._utils import reduce_per_example
 from kdjax.losses.logit import kl_to_teacher
 
@@ -104,7 +104,7 @@ def confidence_gap(student_logits: chex.Array, teacher_logits: chex.Array, *,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import confidence_gap
+      >>> from kdjax.faithful import confidence_gap
       >>> z = jnp.array([[2.0, 0.0]])
       >>> float(confidence_gap(z, z)[0])
       0.0
@@ -162,7 +162,7 @@ def relative_ece(student_logits: chex.Array, teacher_logits: chex.Array, *,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import relative_ece
+      >>> from kdjax.faithful import relative_ece
       >>> z = jnp.array([[10.0, -10.0], [-10.0, 10.0]])
       >>> round(float(relative_ece(z, z)), 4)
       0.0
@@ -207,7 +207,7 @@ def relative_calibration(student_logits: chex.Array, teacher_logits: chex.Array,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import relative_calibration
+      >>> from kdjax.faithful import relative_calibration
       >>> z = jnp.array([[2.0, 0.0], [0.0, 1.0]])
       >>> float(relative_calibration(z, z)["gap"])
       0.0
@@ -344,7 +344,7 @@ def pgd_gap(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.faithfulness import pgd_gap
+      >>> from kdjax.faithful import pgd_gap
       >>> f = lambda x: jnp.concatenate([x, -x], axis=1)
       >>> v, _ = pgd_gap(f, f, jnp.zeros((2, 1)), eps=0.1, steps=3, key=jax.random.key(0))
       >>> v.tolist()
@@ -449,13 +449,13 @@ def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
     rows per example: ``z^T_y - z^T_j``, ``z^S_y - z^S_j`` and their difference
     ``(z^S_y - z^S_j) - (z^T_y - z^T_j)`` (the cross-network bound is what makes the gap
     bound 0 for identical networks; CROWN tightens it further by relaxing both networks
-    in one backward pass). ``method``: ``"ibp"`` (:func:`kdjax.bounds.ibp_bounds` with the
+    in one backward pass). ``method``: ``"ibp"`` (:func:`kdjax.faithful.bounds.ibp_bounds` with the
     affine tail folded into the specification), ``"crown-ibp"`` or ``"crown"``
-    (:func:`kdjax.bounds.crown_bounds` with IBP or CROWN intermediate bounds).
+    (:func:`kdjax.faithful.bounds.crown_bounds` with IBP or CROWN intermediate bounds).
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import margin_bounds
+      >>> from kdjax.faithful import margin_bounds
       >>> f = lambda x: jnp.concatenate([x, -x], axis=1)
       >>> mb = margin_bounds(f, f, jnp.ones((1, 1)), eps=0.5, method="ibp")
       >>> mb.teacher_lower.tolist(), mb.cross_upper.tolist()
@@ -463,11 +463,11 @@ def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
 
     Args:
       teacher_fn, student_fn: ``x -> logits [B, K]`` made of operations supported by
-        :mod:`kdjax.bounds`.
+        :mod:`kdjax.faithful.bounds`.
       x: ``[B, ...]`` clean inputs; eps: radius ``>= 0``; clip: data range.
       method: ``"crown"`` (default), ``"crown-ibp"`` or ``"ibp"``.
       labels: optional ``[B]`` labels (default: the teacher's labels at ``x``).
-      batch_chunk: see :func:`kdjax.bounds.ibp_bounds`.
+      batch_chunk: see :func:`kdjax.faithful.bounds.ibp_bounds`.
 
     Returns:
       :class:`MarginBounds`.
@@ -530,7 +530,7 @@ def gap_upper_bound(bounds: MarginBounds) -> dict[str, chex.Array]:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import MarginBounds, gap_upper_bound
+      >>> from kdjax.faithful import MarginBounds, gap_upper_bound
       >>> z = jnp.array([[0.0, 1.0]])
       >>> mb = MarginBounds(jnp.array([0]), z, z, z, z, 0 * z, 0 * z)
       >>> float(gap_upper_bound(mb)["gap"][0])
@@ -578,7 +578,7 @@ def certify(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.faithfulness import certify
+      >>> from kdjax.faithful import certify
       >>> f = lambda x: jnp.concatenate([x, -x], axis=1)
       >>> out = certify(f, f, jnp.ones((1, 1)), eps=0.5, delta=0.0, method="ibp")
       >>> bool(out["faithful"][0]), bool(out["agree"][0])
@@ -614,7 +614,7 @@ def eps_ramp(eps: float, *, ramp_steps: int, warmup_steps: int = 0) -> optax.Sch
     2020, sec. 4). An :func:`optax.linear_schedule`; call it with the step (jit-safe).
 
     Examples:
-      >>> from kdjax.faithfulness import eps_ramp
+      >>> from kdjax.faithful import eps_ramp
       >>> s = eps_ramp(0.1, warmup_steps=10, ramp_steps=10)
       >>> [round(float(s(t)), 3) for t in (0, 10, 15, 20, 99)]
       [0.0, 0.0, 0.05, 0.1, 0.1]
@@ -652,7 +652,7 @@ def faithful_penalty(teacher_fn: Callable, student_fn: Callable, x: chex.Array, 
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.faithfulness import faithful_penalty
+      >>> from kdjax.faithful import faithful_penalty
       >>> f = lambda x: jnp.concatenate([x, -x], axis=1)
       >>> float(faithful_penalty(f, f, jnp.ones((2, 1)), eps=0.1, key=jax.random.key(0),
       ...                        certified_weight=1.0))
@@ -706,7 +706,7 @@ def adversarial_distillation_inputs(teacher_logits: chex.Array, student_fn: Call
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.faithfulness import adversarial_distillation_inputs
+      >>> from kdjax.faithful import adversarial_distillation_inputs
       >>> x = jnp.zeros((1, 2))
       >>> xa = adversarial_distillation_inputs(jnp.zeros((1, 2)), lambda v: 3 * v, x,
       ...                                      eps=0.1, key=jax.random.key(0))

@@ -609,12 +609,12 @@ def ibp_bounds(fn: Callable, x: chex.Array, eps: chex.Numeric, *, clip=None,
     With ``C`` (``[S, K]`` or ``[B, S, K]``): bounds on ``C f(x')``, where the affine
     layers after the last nonlinearity are folded into ``C`` first (Gowal et al. 2018,
     sec. 3, "elision"); this bounds ``z^T - z^S`` of two identical networks by exactly 0
-    (the graph is de-duplicated, see :mod:`kdjax.bounds`). Differentiable (use it as a
+    (the graph is de-duplicated, see :mod:`kdjax.faithful.bounds`). Differentiable (use it as a
     training bound).
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.bounds import ibp_bounds
+      >>> from kdjax.faithful.bounds import ibp_bounds
       >>> lo, up = ibp_bounds(lambda x: jnp.maximum(2.0 * x, 0.0), jnp.array([[1.0]]), 0.5)
       >>> lo.tolist(), up.tolist()
       ([[1.0]], [[3.0]])
@@ -660,12 +660,12 @@ def crown_bounds(fn: Callable, x: chex.Array, eps: chex.Numeric, *, clip=None,
     pass (full CROWN; cost grows with layer widths), intersected with IBP;
     ``"ibp"``: IBP bounds there (CROWN-IBP, Zhang et al. 2020, Eq. 7; the cheap training
     bound). Max pooling/``tanh``/``logistic`` are concretised with intervals, not
-    relaxed (see :mod:`kdjax.bounds`). Bound ``z^T - z^S`` through ``C`` on the joint
+    relaxed (see :mod:`kdjax.faithful.bounds`). Bound ``z^T - z^S`` through ``C`` on the joint
     function ``x -> (z^T, z^S)``: shared sub-networks cancel exactly.
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.bounds import crown_bounds
+      >>> from kdjax.faithful.bounds import crown_bounds
       >>> f = lambda x: jnp.maximum(x, 0.0) - jnp.maximum(x, 0.0)
       >>> crown_bounds(f, jnp.array([[0.0]]), 1.0)[1].tolist()
       [[0.0]]

@@ -1,10 +1,10 @@
-"""Tests for kdjax.probes: weighted k-NN classifier and linear probe."""
+"""Tests for kdjax.evaluation.probes: weighted k-NN classifier and linear probe."""
 
 import jax
 import numpy as np
 import pytest
 
-from kdjax.probes import knn_accuracy, knn_predict, linear_probe
+from kdjax.evaluation.probes import knn_accuracy, knn_predict, linear_probe
 
 
 def np_weighted_knn(xtr, ytr, xte, num_classes, k, t):

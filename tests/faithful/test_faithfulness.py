@@ -1,4 +1,4 @@
-"""Tests of kdjax.faithfulness: metrics against numpy, the chain
+"""Tests of kdjax.faithful: metrics against numpy, the chain
 sampled <= PGD <= certified (IBP, CROWN-IBP, CROWN) on random teacher/student pairs,
 exactness for identical networks and at eps = 0, training pieces, errors."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import faithfulness as F
+from kdjax import faithful as F
 from kdjax.models import CNN1D, CNN2D, MLP
 
 TOL = 1e-5

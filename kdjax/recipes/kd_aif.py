@@ -103,7 +103,7 @@ def distill_losses(logits: chex.Array, batch: Mapping[str, Any], *, ce_weight: f
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.kd_aif import distill_losses
+      >>> from kdjax.recipes.kd_aif import distill_losses
       >>> z = jnp.zeros((2, 3))
       >>> b = {"y": jnp.array([0, 1]), "teacher_logits": z}
       >>> distill_losses(z, b, ce_weight=1.0, kd_weight=1.0).round(4)
@@ -174,7 +174,7 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.kd_aif import student_scores, val_losses
+      >>> from kdjax.recipes.kd_aif import student_scores, val_losses
       >>> model = lambda p, b: b["x"] @ p
       >>> x = jnp.eye(2)
       >>> train = {"x": x, "y": jnp.array([0, 1])}

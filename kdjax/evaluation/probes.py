@@ -108,7 +108,7 @@ def knn_predict(train_features: chex.Array, train_labels: chex.Array,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.probes import knn_predict
+      >>> from kdjax.evaluation.probes import knn_predict
       >>> xtr = jnp.array([[1.0, 0.0], [0.9, 0.2], [0.0, 1.0]])
       >>> knn_predict(xtr, jnp.array([0, 0, 1]), jnp.array([[0.1, 1.0]]), k=1).tolist()
       [1]
@@ -138,7 +138,7 @@ def knn_accuracy(train_features: chex.Array, train_labels: chex.Array,
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.probes import knn_accuracy
+      >>> from kdjax.evaluation.probes import knn_accuracy
       >>> x = jnp.array([[1.0, 0.0], [0.9, 0.2], [0.0, 1.0], [0.1, 0.9]])
       >>> y = jnp.array([0, 0, 1, 1])
       >>> knn_accuracy(x, y, x, y, k=2)
@@ -213,7 +213,7 @@ def linear_probe(key: chex.PRNGKey, train_features: chex.Array, train_labels: ch
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.probes import linear_probe
+      >>> from kdjax.evaluation.probes import linear_probe
       >>> x = jnp.array([[-2.0, 0.0], [-1.0, 1.0], [1.0, 0.0], [2.0, 1.0]])
       >>> y = jnp.array([0, 0, 1, 1])
       >>> linear_probe(jax.random.PRNGKey(0), x, y, x, y, steps=100).accuracy

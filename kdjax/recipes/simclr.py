@@ -56,7 +56,7 @@ def nt_xent(z1: chex.Array, z2: chex.Array, temperature: chex.Numeric = 0.5) -> 
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.ssl import nt_xent
+      >>> from kdjax.recipes.simclr import nt_xent
       >>> z = jnp.eye(3)
       >>> round(float(nt_xent(z, z, temperature=1.0)), 4)  # -log(e / (e + 4))
       0.9048
@@ -92,7 +92,7 @@ def view_augment(max_shift: int = 4, scale: float = 0.2,
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from kdjax.ssl import view_augment
+      >>> from kdjax.recipes.simclr import view_augment
       >>> view_augment(2)(jax.random.PRNGKey(0), jnp.ones((4, 40, 1))).shape
       (4, 40, 1)
     """
