@@ -9,6 +9,8 @@ Named architectures (``create(name, num_classes=...)``):
 ``resnet{d}``      CIFAR ResNet, depth ``d`` in 8, 14, 20, 32, 44, 56, 110
 ``resnet{d}x4``    RepDistiller's 4x-wide variants (``resnet8x4``, ``resnet32x4``)
 ``wrn_{d}_{k}``    Wide ResNet (``wrn_40_2``, ``wrn_16_2``, ...)
+``tv_resnet{d}``   torchvision's ImageNet ResNet, ``d`` in 18, 34, 50
+                   (:mod:`kdjax.models.torchvision`; weights: :mod:`kdjax.models.convert`)
 =================  ==========================================================
 """
 
@@ -19,16 +21,18 @@ import re
 from kdjax.models.capture import available_paths, with_features
 from kdjax.models.nets import CNN1D, CNN2D, MLP
 from kdjax.models.resnet import ResNet, WideResNet
+from kdjax.models.torchvision import TorchvisionResNet
 
-__all__ = ["MLP", "CNN1D", "CNN2D", "ResNet", "WideResNet", "create", "names",
-           "with_features", "available_paths"]
+__all__ = ["MLP", "CNN1D", "CNN2D", "ResNet", "WideResNet", "TorchvisionResNet", "create",
+           "names", "with_features", "available_paths"]
 
 _SIMPLE = {"mlp": MLP, "cnn1d": CNN1D, "cnn2d": CNN2D}
 
 
 def names() -> list[str]:
     """Valid architecture names (patterns for the ResNet families)."""
-    return sorted(_SIMPLE) + ["resnet{6n+2}", "resnet{6n+2}x4", "wrn_{6n+4}_{k}"]
+    return sorted(_SIMPLE) + ["resnet{6n+2}", "resnet{6n+2}x4", "wrn_{6n+4}_{k}",
+                           "tv_resnet18", "tv_resnet34", "tv_resnet50"]
 
 
 def create(name: str, num_classes: int, **kwargs):
@@ -47,6 +51,9 @@ def create(name: str, num_classes: int, **kwargs):
             widths = (32, 64, 128, 256) if m.group(2) else (16, 16, 32, 64)
             return ResNet(num_classes=num_classes, depth=int(m.group(1)),
                           widths=kwargs.pop("widths", widths), **kwargs)
+        m = re.fullmatch(r"tv_resnet(18|34|50)", name)
+        if m:
+            return TorchvisionResNet(num_classes=num_classes, depth=int(m.group(1)), **kwargs)
         m = re.fullmatch(r"wrn_(\d+)_(\d+)", name)
         if m:
             depth = int(m.group(1))
