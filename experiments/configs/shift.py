@@ -77,9 +77,10 @@ METHODS = [
 ]
 
 QUICK_METHODS = ["ce", "kd", "dkd", "fitnet", "rkd", "kd+mixup"]
-FULL_SHIFTS = ["mnist1d_domains:shear", "mnist1d_domains:scale",
-               "mnist1d_domains:translation", "rotated_digits:75", "coloured_digits",
-               "spurious_mnist1d"]
+FULL_SHIFTS = ["mnist1d_domains:base", "mnist1d_domains:shear", "mnist1d_domains:scale",
+               "mnist1d_domains:clean", "rotated_digits:0", "rotated_digits:15",
+               "rotated_digits:30", "rotated_digits:45", "rotated_digits:60",
+               "rotated_digits:75", "coloured_digits", "spurious_mnist1d"]
 QUICK_SHIFTS = ["mnist1d_domains:shear", "rotated_digits:75", "coloured_digits",
                 "spurious_mnist1d"]
 
@@ -117,8 +118,7 @@ def get_config(variant: str = "full"):
     c.data_seed = 0
     c.val_fraction = 0.2
     c.shift_options = ml_collections.ConfigDict({
-        "mnist1d_domains": {"num_train": 600 if quick else 4000,
-                            "num_test": 500 if quick else 1000},
+        "mnist1d_domains": {"num_train": 1500, "num_test": 500},
         "rotated_digits": {"angles": [0, 30, 60, 75] if quick else [0, 15, 30, 45, 60, 75]},
         "coloured_digits": {"replicas": 2 if quick else 4},
         "spurious_mnist1d": {"num_train": 2000 if quick else 4000, "num_test": 1000},

@@ -13,7 +13,15 @@ SPLITS = ("train", "val", "test_in", "test_target")
 def coloured(data_dir):
     # 16 replicas: ~11.5k examples per training environment (train + val), 5.8k at test,
     # so the 2% tolerances below are >= 5 standard deviations of the estimates.
-    return make_shift("coloured_digits", data_dir=data_dir, seed=0, replicas=16)
+    return make_shift("coloured_digits", data_dir=data_dir, seed=0, replicas=16,
+                      recipe="domainbed")
+
+
+@pytest.fixture(scope="session")
+def coloured_multi(data_dir):
+    # 10 replicas: ~7.2k examples per training environment, 3.6k at test: the 2%
+    # tolerances are >= 4.5 standard deviations of the estimates (p = 0.95 / 0.85).
+    return make_shift("coloured_digits", data_dir=data_dir, seed=0, replicas=10)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +31,7 @@ def rotated(data_dir):
 
 @pytest.fixture(scope="session")
 def mnist1d_domains(data_dir):
-    return make_shift("mnist1d_domains", data_dir=data_dir, target="iid_noise",
+    return make_shift("mnist1d_domains", data_dir=data_dir, target="scale",
                       num_train=400, num_test=100)
 
 
@@ -48,6 +56,8 @@ def test_list_and_errors():
         make_shift("rotated_digits", target="90")
     with pytest.raises(ValueError, match=r"domains entry must be one of .*shear"):
         make_shift("mnist1d_domains", domains=["clean", "wobbly"])
+    with pytest.raises(ValueError, match=r"recipe .* must be one of .*domainbed"):
+        make_shift("coloured_digits", recipe="irm")
     with pytest.raises(TypeError, match="invalid option for shift 'rotated_digits'"):
         make_shift("rotated_digits", replicas=3)
 
@@ -90,8 +100,10 @@ def test_coloured_splits_disjoint_and_val_is_20_percent(coloured):
 
 
 def test_shifts_are_deterministic_in_the_seed(data_dir, coloured):
-    again = make_shift("coloured_digits", data_dir=data_dir, seed=0, replicas=16)
-    other = make_shift("coloured_digits", data_dir=data_dir, seed=1, replicas=16)
+    again = make_shift("coloured_digits", data_dir=data_dir, seed=0, replicas=16,
+                       recipe="domainbed")
+    other = make_shift("coloured_digits", data_dir=data_dir, seed=1, replicas=16,
+                       recipe="domainbed")
     for s in SPLITS:
         np.testing.assert_array_equal(again[s].x, coloured[s].x)
         np.testing.assert_array_equal(again[s].y, coloured[s].y)
@@ -135,8 +147,8 @@ def test_rotating_back_recovers_the_image():
 
 def test_mnist1d_domains_leave_one_out(mnist1d_domains):
     info = mnist1d_domains["train"].info
-    assert len(info["domains"]) >= 4 and info["target"] == "iid_noise"
-    t = info["domains"].index("iid_noise")
+    assert len(info["domains"]) >= 4 and info["target"] == "scale"
+    t = info["domains"].index("scale")
     assert set(mnist1d_domains["test_target"].extras["domain"]) == {t}
     for s in ("train", "val", "test_in"):
         assert t not in set(mnist1d_domains[s].extras["domain"])
@@ -153,8 +165,9 @@ def test_mnist1d_domains_leave_one_out(mnist1d_domains):
     np.testing.assert_allclose(mnist1d_domains["test_target"].info["mean"], info["mean"])
 
 
-def test_spurious_mnist1d(data_dir):
-    s = make_shift("spurious_mnist1d", data_dir=data_dir, num_train=2000, num_test=500)
+def test_spurious_mnist1d_binary(data_dir):
+    s = make_shift("spurious_mnist1d", data_dir=data_dir, num_train=2000, num_test=500,
+                   recipe="domainbed")
     tr = s["train"]
     assert tr.x.shape[1:] == (40, 1) and tr.num_classes == 2
     # n ~ 800 per environment: 4 standard deviations of a proportion near 0.85 ~ 0.05
@@ -176,3 +189,67 @@ def test_colour_images():
     np.testing.assert_array_equal(out[:, 0, 0], [[1, 0], [0, 1], [1, 0]])
     with pytest.raises(ValueError, match=r"x must have shape \[N, H, W, 1\]"):
         colour_images(np.ones((3, 2, 2, 3)), np.zeros(3))
+
+
+def test_multiclass_coloured_agreement_and_noise_follow_the_config(coloured_multi):
+    """P(attribute = label) per environment and the label-noise rate within 2% of the
+    configuration (MULTICLASS_RECIPE), 10 classes, groups aligned/conflicting."""
+    from kdjax.data.shifts import MULTICLASS_RECIPE as R
+
+    pool = [coloured_multi[k] for k in ("train", "val")]
+    for env, p in enumerate(R["env_probs"]):
+        y = np.concatenate([d.y[d.extras["env"] == env] for d in pool])
+        a = np.concatenate([d.extras["spurious"][d.extras["env"] == env] for d in pool])
+        assert len(y) > 5_000
+        assert abs((a == y).mean() - p) < 0.02
+        assert abs(_agreement(coloured_multi["test_in"], env) - p) < 0.02
+        # disagreeing attributes are spread over the other classes (not one fixed one)
+        off = (a - y)[a != y] % 10
+        assert set(off) == set(range(1, 10))
+    target = coloured_multi["test_target"]
+    assert abs(_agreement(target, len(R["env_probs"])) - R["test_prob"]) < 0.02
+    everything = [coloured_multi[s] for s in SPLITS]
+    noisy = np.concatenate([d.y != d.extras["label_clean"] for d in everything])
+    assert abs(noisy.mean() - R["label_noise"]) < 0.02
+    for d in everything:
+        assert d.num_classes == 10 and d.x.shape[1:] == (8, 8, 3)
+        np.testing.assert_array_equal(d.extras["label_clean"], d.extras["digit"])
+        np.testing.assert_array_equal(
+            d.extras["group"], 2 * d.y + (d.extras["spurious"] != d.y))
+    info = target.info
+    assert info["spurious_only_accuracy"] == R["test_prob"]
+    assert info["shape_only_accuracy"] == pytest.approx(1 - R["label_noise"])
+    # the pixels carry the attribute's palette colour: rgb / max(rgb) = palette[a]
+    from kdjax.data.shifts import colour_palette
+    raw = _raw(coloured_multi["train"])[:200]
+    a = coloured_multi["train"].extras["spurious"][:200]
+    flat = raw.reshape(len(raw), -1, 3)
+    bright = flat[np.arange(len(raw)), flat.sum(-1).argmax(1)]
+    np.testing.assert_allclose(bright / bright.max(-1, keepdims=True),
+                               colour_palette(10)[a], atol=1e-4)
+
+
+def test_multiclass_spurious_mnist1d_agreement_and_code(data_dir):
+    from kdjax.data.shifts import add_code, spurious_codes
+
+    s = make_shift("spurious_mnist1d", data_dir=data_dir, num_train=4000, num_test=1000,
+                   replicas=3, env_probs=(0.9, 0.7), test_prob=0.0, label_noise=0.1)
+    pool = [s[k] for k in ("train", "val")]
+    for env, p in enumerate((0.9, 0.7)):
+        y = np.concatenate([d.y[d.extras["env"] == env] for d in pool])
+        a = np.concatenate([d.extras["spurious"][d.extras["env"] == env] for d in pool])
+        assert len(y) == 6000 and abs((a == y).mean() - p) < 0.02
+    tgt = s["test_target"]
+    assert (tgt.extras["spurious"] != tgt.y).all()  # test_prob 0: always conflicting
+    noisy = np.concatenate([s[k].y != s[k].extras["label_clean"] for k in SPLITS])
+    assert abs(noisy.mean() - 0.1) < 0.02
+    assert s["train"].num_classes == 10
+    codes = spurious_codes(10, 8)
+    assert len({tuple(c) for c in codes}) == 10 and set(np.unique(codes)) == {-1.0, 1.0}
+    x = np.zeros((2, 40, 1), np.float32)
+    out = add_code(x, np.array([3, 7]), codes, amplitude=0.5, start=30)
+    np.testing.assert_array_equal(out[0, 30:38, 0], 0.5 * codes[3])
+    np.testing.assert_array_equal(out[1, 30:38, 0], 0.5 * codes[7])
+    assert not out[:, :30].any() and not out[:, 38:].any()
+    with pytest.raises(ValueError, match="start must be in"):
+        add_code(x, np.array([0, 1]), codes, amplitude=1.0, start=35)
