@@ -1,10 +1,19 @@
-"""Crash-safe checkpoints (orbax) with fallback past a corrupted latest step.
+"""Crash-safe checkpoints (orbax) that step past corrupted steps.
 
 orbax writes each step into a temporary directory and renames it when complete, so a
-run killed mid-save leaves the previous steps intact. If the newest step is still
-unreadable (a truncated file, a disk error), :meth:`Checkpointer.restore_latest` warns
-and falls back to the previous step. Saving is synchronous (``wait_until_finished``)
-so a SIGKILL after ``save`` returns never loses that step.
+run killed mid-save leaves the previous steps intact. A step can still be unreadable
+afterwards (a truncated file, a disk error, a copy that was cut short).
+:meth:`Checkpointer.restore_latest` then *moves that step aside* -- renames
+``<dir>/<step>`` to ``<dir>/<step>.corrupt-<n>`` with the first unused ``n`` (never a
+name that exists, so earlier set-asides are kept for inspection) -- warns naming both
+paths, and tries the next older step. The run continues from the newest readable step,
+and since the bad step's name is free again, a later ``save`` of that step number
+succeeds (before: ``StepAlreadyExistsError`` on every rerun). When no step is readable
+the run starts from scratch.
+
+Saving is synchronous (``wait_until_finished``), so a SIGKILL after ``save`` returns
+never loses that step. :func:`move_aside` is the one helper for setting a damaged file
+or directory aside; :mod:`kdjax.train.cache` uses it for cache entries.
 """
 
 from __future__ import annotations
@@ -16,14 +25,26 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "save_pytree", "load_pytree"]
+__all__ = ["Checkpointer", "save_pytree", "load_pytree", "move_aside"]
+
+
+def move_aside(path: str, suffix: str = "corrupt") -> str:
+    """Renames ``path`` to ``<path>.<suffix>-<n>`` (smallest ``n >= 1`` not taken) and
+    returns the new path. Never overwrites: an existing set-aside keeps its name."""
+    n = 1
+    while os.path.lexists(f"{path}.{suffix}-{n}"):
+        n += 1
+    new = f"{path}.{suffix}-{n}"
+    os.rename(path, new)
+    return new
 
 
 class Checkpointer:
     """Keeps the ``max_to_keep`` newest ``(state, meta)`` checkpoints under ``directory``.
 
     ``state`` is any pytree of arrays (a TrainState); ``meta`` a JSON-able dict (history,
-    config, best-so-far metrics).
+    config, best-so-far metrics). Steps are the directories ``<directory>/<step>``;
+    set-aside steps (``<step>.corrupt-<n>``) are not steps and are never deleted.
     """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
@@ -48,7 +69,11 @@ class Checkpointer:
         """Returns ``(step, state, meta)`` of the newest readable step, or ``None``.
 
         ``template`` is a pytree with the target structure, shapes, dtypes and shardings
-        (e.g. a freshly initialised state). Unreadable steps are skipped with a warning.
+        (e.g. a freshly initialised state). Each unreadable step is moved aside
+        (:func:`move_aside`) with a warning naming the old and new path, then the next
+        older step is tried. A step whose arrays do not fit ``template`` (the code or
+        config changed under the same directory) is set aside the same way: nothing is
+        deleted, and the run restarts rather than crash.
         """
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         for step in reversed(self.steps()):
@@ -57,8 +82,12 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 return step, out["state"], dict(out["meta"] or {})
             except Exception as e:  # noqa: BLE001 - any read failure means "corrupt"
+                old = os.path.join(self.directory, str(step))
+                new = move_aside(old)
+                self._mngr.reload()
                 warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable "
-                              f"({type(e).__name__}: {e}); falling back to an earlier step.")
+                              f"({type(e).__name__}: {str(e)[:300]}); moved {old} aside "
+                              f"to {new} and falling back to an earlier step.")
         return None
 
     def close(self) -> None:
