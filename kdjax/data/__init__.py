@@ -5,6 +5,8 @@
 * :func:`batches`: deterministic, sharded host->device batches with a ``mask``.
 * :mod:`kdjax.data.augment`: jittable batch augmentations; :func:`get_augmentation`.
 * :func:`make_shift` / :func:`list_shifts`: diversity and correlation shift benchmarks.
+* :class:`Stream`: datasets too large for memory, streamed with grain from a TFDS data
+  source (:mod:`kdjax.data.stream`).
 """
 
 from kdjax.data import augment
@@ -13,6 +15,8 @@ from kdjax.data.batching import batches, num_batches
 from kdjax.data.builders import MNIST1D_DOMAINS, KdjaxDigits, KdjaxMnist1d
 from kdjax.data.core import EMBEDDED, ArrayDataset, default_data_dir, load
 from kdjax.data.shifts import list_shifts, make_shift, shift_domains
+from kdjax.data.stream import (Stream, StreamIterator, array_transform, from_array_dataset,
+                               image_transform, materialize)
 
 __all__ = [
     "ArrayDataset",
@@ -29,4 +33,10 @@ __all__ = [
     "make_shift",
     "list_shifts",
     "shift_domains",
+    "Stream",
+    "StreamIterator",
+    "array_transform",
+    "image_transform",
+    "from_array_dataset",
+    "materialize",
 ]

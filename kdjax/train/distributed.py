@@ -12,7 +12,18 @@ The global batch of step ``i`` is the concatenation, in process order, of the ro
 processes feed (:func:`process_rows` gives each process its slice), so a run over
 ``P`` processes computes exactly the single-process step on the same global batch.
 
-Launching on a cluster: see ``docs/RELIABILITY.md`` (environment variables, one
+:func:`stream_epoch_runner` is the epoch of :func:`kdjax.train.fit` when the training
+data is a :class:`kdjax.data.Stream`: each process reads only its rows of every global
+batch (grain workers decode/augment them), the global batch is assembled with
+``jax.make_array_from_process_local_data``, and the step and its keys are the in-memory
+engine's, so a stream gives the same numbers as the in-memory path on data that fits
+both ways. With a ``Checkpointer`` it also saves mid-epoch (state, the stream's
+position and the running loss sums), so a killed run resumes at the same example.
+:func:`evaluate_stream` evaluates over a stream with the masked sufficient statistics
+of :mod:`kdjax.train.metrics`, summed over the global batch (XLA's collectives), so
+every process gets the metrics of the whole set.
+
+Launching on a cluster: see ``docs/scale.md`` (SLURM and TPU pod launch lines, one
 process per host). On one machine, two CPU processes on localhost reproduce it (that is
 what ``tests/reliability/test_multiprocess.py`` does).
 """
@@ -20,16 +31,19 @@ what ``tests/reliability/test_multiprocess.py`` does).
 from __future__ import annotations
 
 import os
+import types
 from typing import Any, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax.train.sharding import DATA_AXIS
 
 __all__ = ["initialize", "global_mesh", "process_rows", "replicate", "shard_host_batch",
-           "to_host", "train_steps", "env_config"]
+           "to_host", "train_steps", "env_config", "is_primary", "stream_epoch_runner",
+           "evaluate_stream"]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -177,3 +191,116 @@ def env_config() -> dict[str, Any]:
     pid = os.environ.get("KDJAX_PROCESS_ID")
     return {"coordinator_address": addr, "num_processes": int(n) if n else None,
             "process_id": int(pid) if pid else None}
+
+
+def is_primary() -> bool:
+    """True on process 0: the one process that writes results, tables and plots
+    (orbax checkpoints are written collectively: every process calls ``save``)."""
+    return jax.process_index() == 0
+
+
+def _batch_rows(batch_size: int, mesh: Mesh | None) -> slice:
+    return slice(0, batch_size) if mesh is None else process_rows(batch_size, mesh)
+
+
+def _to_global(local: dict, mesh: Mesh | None):
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, local)
+    return shard_host_batch(local, mesh)
+
+
+def stream_epoch_runner(distiller, stream, batch_size: int, mesh: Mesh | None = None, *,
+                        index_fn=None, checkpointer=None, checkpoint_every_steps: int = 0):
+    """``epoch(state, teacher_vars, data=None) -> (state, mean terms)`` over a stream.
+
+    The same contract as :meth:`Distiller.epoch_runner`'s epochs: the plan of epoch
+    ``e`` is the engine's (``Distiller._epoch_plan``: a permutation from
+    ``fold_in(seed_key, e)``, or ``index_fn``'s batches), step ``i`` trains on the rows
+    ``plan[i]`` with key ``fold_in(key, i + 1)``; only where the rows come from differs
+    (this process's share of each global batch, read from ``stream``, versus a gather
+    from device memory). The batch holds the keys of ``stream.example()`` (``x``,
+    ``y``, extras), as the in-memory dict of ``fit``.
+
+    ``checkpointer`` (a :class:`~kdjax.train.Checkpointer` of its own, e.g. under
+    ``<run>/stream``) with ``checkpoint_every_steps = k > 0``: after every ``k`` steps
+    the state, the stream position (:meth:`StreamIterator.get_state`) and the running
+    sums of the loss terms are saved; an epoch that finds a checkpoint of itself resumes
+    after its last saved step, so a killed run continues at the same example and ends
+    with the parameters of an uninterrupted one. Seed-batched states are not supported.
+    """
+    if checkpoint_every_steps and checkpointer is None:
+        raise ValueError("checkpoint_every_steps > 0 needs a checkpointer, got None.")
+    n = len(stream)
+    rows = _batch_rows(batch_size, mesh)
+    keys = tuple(stream.example())
+    step = jax.jit(lambda st, tv, b, k, i: distiller.train_step(
+        st, tv, b, jax.random.fold_in(k, i + 1)), donate_argnums=(0,))
+
+    def epoch(state, teacher_vars, data=None):
+        del data
+        if np.ndim(to_host(state.epoch)):
+            raise ValueError("streams train one seed at a time; got a state with a "
+                             "leading seed axis.")
+        e = int(to_host(state.epoch))
+        host = types.SimpleNamespace(seed_key=jnp.asarray(to_host(state.seed_key)),
+                                     epoch=jnp.asarray(e, jnp.int32))
+        key, plan = distiller._epoch_plan(host, {"x": np.empty((n, 0))}, batch_size,
+                                          index_fn)
+        plan = np.asarray(plan)
+        start, sums = 0, None
+        if checkpointer is not None:
+            restored = checkpointer.restore_latest(state)
+            if restored is not None and restored[2].get("epoch") == e:
+                _, state, meta = restored
+                start, sums = meta["stream"]["next_batch"], meta["sums"]
+        it = stream.batches(batch_size, order=plan.reshape(-1), rows=rows,
+                            drop_remainder=True, start_batch=start, seed=0, epoch=e)
+        key = replicate(key, mesh) if mesh is not None else key
+        for i, local in enumerate(it, start=start):
+            batch = _to_global({k: local[k] for k in keys}, mesh)
+            state, terms = step(state, teacher_vars, batch, key, i)
+            t = {k: float(v) for k, v in to_host(terms).items()}
+            sums = t if sums is None else {k: sums[k] + t[k] for k in t}
+            if checkpoint_every_steps and (i + 1) % checkpoint_every_steps == 0 \
+                    and i + 1 < len(plan):
+                checkpointer.save(e * len(plan) + i + 1, state,
+                                  {"epoch": e, "stream": it.get_state(), "sums": sums})
+        state = state.replace(epoch=state.epoch + 1)
+        return state, {k: v / len(plan) for k, v in sums.items()}
+
+    return epoch
+
+
+def evaluate_stream(distiller, state, stream, batch_size: int = 512,
+                    mesh: Mesh | None = None, *, teacher=None, num_groups: int = 0,
+                    group_key: str = "group") -> dict[str, float]:
+    """Metrics of the student (eval mode) over every example of ``stream``.
+
+    Each process reads its rows of each padded global batch; per-batch masked sums
+    (:func:`kdjax.train.metrics.batch_stats`) are computed on the global batch (so
+    they are global sums, replicated on every process) and accumulated on the host:
+    the result is the same on every process and equals the single-process metrics.
+    ``teacher``: optional ``(module, variables)`` for agreement / KL to the teacher.
+    """
+    from kdjax.train import metrics as metrics_lib
+
+    rows = _batch_rows(batch_size, mesh)
+
+    @jax.jit
+    def stats(st, tvars, b):
+        logits = distiller.student_apply(st)(b["x"])[0]
+        t_logits = None
+        if teacher is not None:
+            t_logits = teacher[0].apply(tvars, b["x"], train=False)[0].astype(jnp.float32)
+        group = b.get(group_key) if num_groups else None
+        return metrics_lib.batch_stats(logits, b["y"], b["mask"], t_logits, group=group,
+                                       num_groups=num_groups)
+
+    tvars = None if teacher is None else teacher[1]
+    total = None
+    for local in stream.batches(batch_size, shuffle=False, drop_remainder=False,
+                                rows=rows):
+        keep = ["x", "y", "mask"] + ([group_key] if num_groups else [])
+        s = to_host(stats(state, tvars, _to_global({k: local[k] for k in keep}, mesh)))
+        total = s if total is None else jax.tree_util.tree_map(np.add, total, s)
+    return metrics_lib.finalize(total)
