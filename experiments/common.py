@@ -1,4 +1,6 @@
-"""Pieces shared by the drivers (data splits, cached teacher + logits, seed training)."""
+"""Pieces shared by the drivers: data splits, labelled subsets, the cached teacher and
+its logits, seed training, test metrics of a best student. Not a driver: drivers import
+this module, never each other."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax.train import Checkpointer, fit, predict
+from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
 
 
@@ -80,3 +83,37 @@ def fit_seeds(distiller, teacher_vars, data, seeds: Sequence[int], *, vmap: bool
         history += [dict(r, seed_index=len(bests)) for r in h]
         bests.append(best)
     return bests, history
+
+
+def labelled_subset(y: np.ndarray, n: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Boolean mask of ``n`` labelled examples, stratified by class (all when ``n`` is 0
+    or at least ``len(y)``): ``n // num_classes`` per class, drawn from ``seed + 1``."""
+    if n == 0 or n >= len(y):
+        return np.ones(len(y), bool)
+    rng = np.random.default_rng(seed + 1)
+    mask = np.zeros(len(y), bool)
+    per_class = max(n // num_classes, 1)
+    for c in range(num_classes):
+        idx = np.flatnonzero(y == c)
+        mask[rng.choice(idx, min(per_class, len(idx)), replace=False)] = True
+    return mask
+
+
+def load_data(cfg):
+    """``load_splits(cfg.dataset)`` (kept for drivers that take the whole config)."""
+    return load_splits(cfg.dataset)
+
+
+def best_variables(best) -> dict:
+    """The Flax variables of a best record of :func:`kdjax.train.fit`."""
+    variables = {"params": best["params"]}
+    if best.get("batch_stats"):
+        variables["batch_stats"] = best["batch_stats"]
+    return variables
+
+
+def evaluate_student(student, best, test, teacher_test_logits, mesh) -> dict:
+    """Accuracy, teacher agreement, ECE and KL to the teacher of a best student on
+    ``test`` (:func:`kdjax.train.engine.evaluate`)."""
+    logits = predict(teacher_apply(student, best_variables(best)), test.x, 512, mesh)
+    return evaluate(logits, test.y, teacher_test_logits)

@@ -29,14 +29,14 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import methods, models
-from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.data.core import normalize_like
 from kdjax.data.neighbors import knn_graph, neighbor_batches
 from kdjax.evaluation.probes import knn_accuracy, linear_probe
 from kdjax.recipes.simclr import SimCLR, view_augment
 from kdjax.train import (Checkpointer, Distiller, fit, load_pytree, make_mesh,
                          make_optimizer, predict, save_pytree)
-from kdjax.train import results as R
+from kdjax.experiment import results as R
 from kdjax.train.teacher import get_teacher
 
 CONFIG = "experiments.configs.coss"

@@ -37,9 +37,9 @@ from experiments.configs import faithful as faithful_config
 from kdjax import data as kdata
 from kdjax import faithful as F
 from kdjax import methods, models
-from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
-from kdjax.train import results as R
+from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
 

@@ -27,9 +27,9 @@ import numpy as np
 from experiments.common import fit_seeds, load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import losses, methods, models
-from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
-from kdjax.train import results as R
+from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import teacher_apply
 

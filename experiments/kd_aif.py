@@ -31,13 +31,13 @@ import numpy as np
 import optax
 from flax import serialization
 
-from experiments.distill import labelled_subset, load_data
+from experiments.common import labelled_subset, load_data
 from kdjax import methods, models
 from kdjax.recipes import kd_aif
-from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.influence import influence_weights
 from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_optimizer, predict
-from kdjax.train import results as R
+from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
 

@@ -36,9 +36,9 @@ from experiments import grid
 from experiments.configs import shift as shift_config
 from kdjax import data as kdata
 from kdjax import methods, models
-from kdjax.config import config_hash, load_config, parse_cli
+from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer
-from kdjax.train import results as R
+from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.pretrain import pretrain
 from kdjax.train.teacher import get_teacher

@@ -8,7 +8,9 @@ Both get the same number of optimiser steps. Model selection uses a held-out
 validation split of the training set (never the test split).
 
 Override from the command line: ``python -m experiments.distill --config.seeds=5
---config.student.epochs=60 --config.dataset.name=digits``.
+--config.student.epochs=60 --config.dataset.name=digits``. Variant ``quick``
+(``--quick``): a 1200-example MNIST-1D, tiny networks, 2 seeds, 3 teacher and 2 student
+epochs (a smoke run of a minute on a CPU; output under ``runs/distill_quick``).
 """
 
 import ml_collections
@@ -16,7 +18,9 @@ import ml_collections
 from experiments.configs.common import cnn1d_teacher, validate_common
 
 
-def get_config():
+def get_config(variant: str | None = None):
+    if variant not in (None, "quick"):
+        raise ValueError(f"variant must be 'quick' or none, got {variant!r}.")
     c = ml_collections.ConfigDict()
     c.out_dir = "runs/distill"
     c.cache_dir = "runs/cache"
@@ -52,6 +56,14 @@ def get_config():
         {"name": "kd", "methods": [{"name": "ce", "weight": 0.1},
                                    {"name": "kd", "weight": 0.9, "temperature": 4.0}]},
     ]
+    if variant == "quick":
+        c.out_dir = "runs/distill_quick"
+        c.seeds = 2
+        c.dataset.num_train, c.dataset.num_test, c.dataset.val_size = 1200, 300, 200
+        c.labelled = 200
+        c.teacher.epochs, c.student.epochs = 3, 2
+        c.teacher.model_kwargs.channels = (8, 8)
+        c.student.model_kwargs.channels = (4,)
     return c
 
 
@@ -68,3 +80,6 @@ def validate(c):
     for r in c.runs:
         if "name" not in r or "methods" not in r:
             raise ValueError(f"each entry of config.runs needs 'name' and 'methods', got {r}.")
+    names = [r["name"] for r in c.runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.runs names must be distinct, got {names}.")

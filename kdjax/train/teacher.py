@@ -1,6 +1,6 @@
 """Train a teacher once per (teacher config, data config); later runs load it.
 
-The cache key is :func:`kdjax.config.config_hash` of the teacher config and the data
+The cache key is :func:`kdjax._io.config_hash` of the teacher config and the data
 config; the variables are saved with orbax under ``<cache_dir>/teacher_<hash>/`` with a
 ``meta.json`` (config, metrics, run metadata). Cross-entropy training with
 ``fit``; model selection on the validation split.
@@ -16,13 +16,13 @@ import jax
 import numpy as np
 
 from kdjax import methods, models
-from kdjax.config import config_hash
+from kdjax.experiment.config import config_hash
 from kdjax.data import get_augmentation
 from kdjax.train.checkpoint import load_pytree, save_pytree
 from kdjax.train.engine import Distiller
 from kdjax.train.loop import EvalSet, fit
 from kdjax.train.optim import make_optimizer
-from kdjax.train.results import atomic_write_text, run_metadata
+from kdjax._io import atomic_write_text, run_metadata
 
 __all__ = ["get_teacher", "teacher_apply"]
 

@@ -11,7 +11,7 @@ import pytest
 from experiments import coss as driver
 from experiments.configs import coss as coss_config
 from kdjax import methods, models
-from kdjax.config import load_config
+from kdjax.experiment.config import load_config
 from kdjax.data.neighbors import knn_graph
 from kdjax.recipes.simclr import SimCLR, nt_xent, view_augment
 from kdjax.train import Distiller, make_optimizer
@@ -188,7 +188,7 @@ TINY = [
 
 @pytest.mark.slow
 def test_driver_end_to_end_and_resume(tmp_path):
-    from kdjax.train import results as R
+    from kdjax.experiment import results as R
 
     args = [f"--config.{o}" for o in TINY] + [f"--config.out_dir={tmp_path}/out",
                                               f"--config.cache_dir={tmp_path}/cache"]

@@ -31,7 +31,8 @@ def test_distill_driver_end_to_end_and_resume(tmp_path):
     by_run = {r["run"]: r for r in rows}
     assert by_run["ce"]["train_examples"] < by_run["kd"]["train_examples"]
     table = open(tmp_path / "out" / "results.md").read()
-    assert "| ce |" in table and "| kd |" in table and "+-" in table
+    assert "| ce |" in table and "| kd |" in table and "±" in table
+    assert "Seeds found: [0, 1]" in table
     assert os.path.exists(tmp_path / "out" / "curves.png")
     # rerun: everything is done, nothing is retrained, the rows are not duplicated
     distill.main(args)

@@ -13,7 +13,7 @@ from experiments import kd2m
 from experiments.configs import kd2m as kd2m_config
 from experiments.configs import kd2m_paper
 from kdjax import methods, models
-from kdjax.config import load_config
+from kdjax.experiment.config import load_config
 from kdjax.train import Distiller, make_optimizer
 
 

@@ -59,7 +59,7 @@ TINY = ["--config.dataset.num_train=700", "--config.dataset.num_test=200",
 
 
 def _cfg(tmp_path, extra=()):
-    from kdjax.config import load_config, parse_cli
+    from kdjax.experiment.config import load_config, parse_cli
 
     overrides, rest = parse_cli([f"--config.out_dir={tmp_path}/out",
                                  f"--config.cache_dir={tmp_path}/cache",

@@ -12,7 +12,7 @@ import pytest
 from experiments import method_zoo
 from experiments.configs import method_zoo as zoo_config
 from kdjax import methods, models
-from kdjax.config import load_config
+from kdjax.experiment.config import load_config
 from kdjax.methods import zoo
 from kdjax.train import Distiller, make_optimizer
 from kdjax.train.pretrain import pretrain

@@ -6,8 +6,8 @@ import pytest
 
 from experiments import shift as S
 from experiments.configs import shift as C
-from kdjax.config import config_hash, load_config
-from kdjax.train import results as R
+from kdjax.experiment.config import config_hash, load_config
+from kdjax.experiment import results as R
 
 
 def quick(**over):

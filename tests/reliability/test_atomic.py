@@ -1,4 +1,5 @@
-"""Atomic results: a kill during a write leaves the old file; torn JSONL lines are ignored."""
+"""Atomic files (kdjax._io): a kill during a write leaves the old file; no temp file is left
+after a failure; the umask decides the mode; torn JSONL lines are reported, skipped, kept."""
 
 import json
 import os
@@ -8,11 +9,16 @@ import sys
 import textwrap
 import time
 
-from kdjax.train.results import append_jsonl, atomic_write_text, read_jsonl
+import numpy as np
+import pytest
+
+from kdjax._io import atomic_save_npy, atomic_write_bytes, atomic_write_text
+from kdjax.experiment import ResultsWarning
+from kdjax.experiment.results import append_jsonl, read_jsonl
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    import kdjax.train.results as r
+    import kdjax._io as r
 
     path, marker = sys.argv[1], sys.argv[2]
     real_write = r.os.fdopen
@@ -56,7 +62,7 @@ def test_sigkill_during_atomic_write_keeps_the_old_file(tmp_path):
             time.sleep(0.1)
         assert marker.exists(), p.communicate()[1][-2000:]
         # a partial temp file exists next to the target: the write really is in progress
-        tmp = [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+        tmp = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
         assert tmp and os.path.getsize(tmp_path / tmp[0]) > 0
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
@@ -77,15 +83,48 @@ def test_atomic_write_replaces_the_file_when_it_completes(tmp_path):
     assert [f for f in os.listdir(path.parent)] == ["b.txt"]
 
 
-def test_append_jsonl_ignores_a_torn_last_line(tmp_path):
+def test_append_jsonl_skips_a_torn_last_line_and_keeps_it(tmp_path):
     path = str(tmp_path / "rows.jsonl")
     append_jsonl(path, [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}])
     with open(path, "a") as f:               # a writer killed mid-line (non-atomic append)
         f.write('{"seed": 2, "acc": 0.')
-    assert read_jsonl(path) == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}]
+    with pytest.warns(ResultsWarning, match="line 3: truncated last line"):
+        assert read_jsonl(path) == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}]
     append_jsonl(path, [{"seed": 3, "acc": 0.7}])
-    rows = read_jsonl(path)
+    with pytest.warns(ResultsWarning, match="line 3: not JSON"):
+        rows = read_jsonl(path)
     assert rows == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}, {"seed": 3, "acc": 0.7}]
-    # the rewrite dropped the torn fragment: every line of the file parses
-    with open(path) as f:
-        assert all(json.loads(line) for line in f if line.strip())
+    # nothing was deleted from disk: the torn fragment is still its own line
+    lines = open(path).read().splitlines()
+    assert lines[2] == '{"seed": 2, "acc": 0.' and len(lines) == 4
+
+
+@pytest.mark.parametrize("write", ["text", "bytes", "npy"])
+def test_a_failed_write_leaves_no_temp_file_and_the_old_content(tmp_path, write, monkeypatch):
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(str(path), b"old")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    import kdjax._io as io_mod
+    monkeypatch.setattr(io_mod.os, "fsync", boom)
+    with pytest.raises(OSError, match="No space"):
+        {"text": lambda: atomic_write_text(str(path), "new"),
+         "bytes": lambda: atomic_write_bytes(str(path), b"new"),
+         "npy": lambda: atomic_save_npy(str(path), np.arange(3))}[write]()
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_files_get_the_umask_mode_and_npy_roundtrips(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(str(tmp_path / "a.txt"), "x")
+        atomic_save_npy(str(tmp_path / "a.npy"), np.arange(4.0))
+    finally:
+        os.umask(old)
+    for f in ("a.txt", "a.npy"):
+        assert os.stat(tmp_path / f).st_mode & 0o777 == 0o640   # 0o666 & ~0o027
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.arange(4.0))
+    with pytest.raises(ValueError, match="text must be a str"):
+        atomic_write_text(str(tmp_path / "b.txt"), b"bytes")

@@ -14,7 +14,7 @@ import pytest
 
 from kdjax import influence, losses, methods, models
 from kdjax import data as kdata
-from kdjax.config import apply_overrides
+from kdjax.experiment.config import apply_overrides
 from kdjax.train import (Distiller, evaluate, fit, make_mesh, make_optimizer, predict,
                          shard_batch)
 

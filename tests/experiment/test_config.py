@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from kdjax.config import apply_overrides, config_hash, load_config, parse_cli
+from kdjax.experiment.config import apply_overrides, config_hash, load_config, parse_cli
 
 
 def _cfg():
