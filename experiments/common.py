@@ -71,17 +71,15 @@ def fit_seeds(distiller, teacher_vars, data, seeds: Sequence[int], *, vmap: bool
         keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
         state = jax.vmap(lambda k: distiller.init(k, example_x, teacher_vars))(keys)
         ckpt = Checkpointer(os.path.join(ckpt_dir, name + "_" + "_".join(map(str, seeds))))
-        _, bests, history = fit(distiller, state, teacher_vars, data, checkpointer=ckpt,
-                                num_seeds=len(seeds), **fit_kwargs)
-        return bests, history
+        res = fit(distiller, state, teacher_vars, data, checkpointer=ckpt, **fit_kwargs)
+        return res.best, res.history
     bests, history = [], []
     for s in seeds:
         ckpt = Checkpointer(os.path.join(ckpt_dir, f"{name}_{s}"))
         state = distiller.init(s, example_x, teacher_vars)
-        _, best, h = fit(distiller, state, teacher_vars, data, checkpointer=ckpt,
-                         **fit_kwargs)
-        history += [dict(r, seed_index=len(bests)) for r in h]
-        bests.append(best)
+        res = fit(distiller, state, teacher_vars, data, checkpointer=ckpt, **fit_kwargs)
+        history += [dict(r, seed_index=len(bests)) for r in res.history]
+        bests += res.best
     return bests, history
 
 

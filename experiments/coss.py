@@ -223,11 +223,11 @@ def train_students(cfg, run, train, teacher, tvars, t_train, neighbors, mesh, ck
                   progress=cfg.progress, desc=run["name"], index_fn=index_fn)
     if vmapped:
         state = jax.vmap(lambda k: distiller.init(k, x2, tvars))(keys)
-        _, bests, _ = fit(distiller, state, tvars, data, num_seeds=len(seeds),
-                          checkpointer=Checkpointer(ck_name), **common)
+        bests = fit(distiller, state, tvars, data, checkpointer=Checkpointer(ck_name),
+                    **common).best
     else:
         bests = [fit(distiller, distiller.init(s, x2, tvars), tvars, data,
-                     checkpointer=Checkpointer(f"{ck_name}_{s}"), **common)[1]
+                     checkpointer=Checkpointer(f"{ck_name}_{s}"), **common).best[0]
                  for s in seeds]
     info["method"] = {k: v for k, v in built.options.items()} | {"name": built.name}
     return student, [(_student_vars(bst["params"], bst["batch_stats"]), info)

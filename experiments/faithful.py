@@ -38,7 +38,7 @@ from kdjax import data as kdata
 from kdjax import faithful as F
 from kdjax import methods, models
 from kdjax.experiment.config import config_hash, load_config, parse_cli
-from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
+from kdjax.train import Distiller, EvalSet, Evaluation, make_mesh, make_optimizer, predict
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
@@ -108,9 +108,9 @@ def train_students(cfg, run, train, val, teacher, tvars, val_logits, clip, mesh,
     eval_sets = {"val": EvalSet(x=val.x, y=val.y, teacher_logits=val_logits)}
     epochs = cfg.student.epochs
     every = max(1, epochs // cfg.student.evaluations)
-    common = dict(epochs=epochs, batch_size=b, mesh=mesh, eval_sets=eval_sets,
-                  select_on="val", eval_every=every, checkpoint_every=every,
-                  progress=cfg.progress, desc=run["name"])
+    common = dict(epochs=epochs, batch_size=b, mesh=mesh,
+                  evaluation=Evaluation(eval_sets, every=every, select_on="val"),
+                  checkpoint_every=every, progress=cfg.progress, desc=run["name"])
     bests, _ = fit_seeds(distiller, tvars, data, seeds, vmap=cfg.vmap_seeds,
                          ckpt_dir=ckpt_dir, name=run["name"], example_x=train.x[:2], **common)
     out = []

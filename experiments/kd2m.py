@@ -28,7 +28,7 @@ from experiments.common import fit_seeds, load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import losses, methods, models
 from kdjax.experiment.config import config_hash, load_config, parse_cli
-from kdjax.train import Distiller, EvalSet, make_mesh, make_optimizer, predict
+from kdjax.train import Distiller, EvalSet, Evaluation, make_mesh, make_optimizer, predict
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import teacher_apply
@@ -128,9 +128,9 @@ def run_students(cfg, run, train, val, test, teacher, tvars, logits, t_test_feat
                           teacher_from_batch=logit_only and not only_ce)
     eval_sets = {"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])}
     every = max(1, epochs // cfg.student.evaluations)
-    common = dict(epochs=epochs, batch_size=b, mesh=mesh, eval_sets=eval_sets,
-                  select_on="val", eval_every=every, checkpoint_every=every,
-                  progress=cfg.progress, desc=run["name"])
+    common = dict(epochs=epochs, batch_size=b, mesh=mesh,
+                  evaluation=Evaluation(eval_sets, every=every, select_on="val"),
+                  checkpoint_every=every, progress=cfg.progress, desc=run["name"])
     tv = None if only_ce else tvars
     bests, _ = fit_seeds(distiller, tv, data, seeds, vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir,
                          name=run["name"], example_x=train.x[:2], **common)

@@ -36,7 +36,7 @@ from kdjax import methods, models
 from kdjax.recipes import kd_aif
 from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.influence import influence_weights
-from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_optimizer, predict
+from kdjax.train import Checkpointer, Distiller, EvalSet, Evaluation, fit, make_optimizer, predict
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher, teacher_apply
@@ -175,8 +175,8 @@ def run_setting(cfg, setting, S, train, test, ckpt_dir, w_dir, done, runs=None,
                                 curvature_examples=inf.curvature_examples,
                                 damping=inf.damping, maxiter=inf.maxiter)
     every = max(1, epochs // cfg.student.evaluations)
-    fit_kw = dict(batch_size=b, eval_sets={"val": S["eval_val"]}, eval_every=every,
-                  checkpoint_every=every, progress=cfg.progress)
+    fit_kw = dict(batch_size=b, checkpoint_every=every, progress=cfg.progress,
+                  evaluation=Evaluation({"val": S["eval_val"]}, every=every, select_on="val"))
     rows = []
     for seed in range(cfg.seeds):
         todo = [r for r in runs if (setting, prefix + r, seed) not in done]
@@ -188,11 +188,10 @@ def run_setting(cfg, setting, S, train, test, ckpt_dir, w_dir, done, runs=None,
         results = {}
         uniform_state = None
         if "uniform" in todo or any(r.startswith("oneshot") for r in todo):
-            uniform_state, best, _ = fit(distiller, init(), None, S["data"], epochs=epochs,
-                                         select_on="val",
-                                         desc=f"{setting} {prefix}uniform",
-                                         checkpointer=Checkpointer(os.path.join(d, "uniform")),
-                                         **fit_kw)
+            res = fit(distiller, init(), None, S["data"], epochs=epochs,
+                      desc=f"{setting} {prefix}uniform",
+                      checkpointer=Checkpointer(os.path.join(d, "uniform")), **fit_kw)
+            uniform_state, (best,) = res.state, res.best
             results["uniform"] = (best, np.ones(len(S["bad"]), np.float32))
         scores = None
         for run in todo:
@@ -202,17 +201,16 @@ def run_setting(cfg, setting, S, train, test, ckpt_dir, w_dir, done, runs=None,
                 if scores is None:
                     scores = scorer(uniform_state)
                 w = influence_weights(scores, mapping, inf.temperature)
-                _, best, _ = fit(distiller, init(), None, kd_aif.with_weights(S["data"], w),
-                                 epochs=epochs, select_on="val",
-                                 desc=f"{setting} {prefix}{run}",
-                                 checkpointer=Checkpointer(os.path.join(d, run)), **fit_kw)
+                (best,) = fit(distiller, init(), None, kd_aif.with_weights(S["data"], w),
+                              epochs=epochs, desc=f"{setting} {prefix}{run}",
+                              checkpointer=Checkpointer(os.path.join(d, run)), **fit_kw).best
                 results[run] = (best, np.asarray(w))
             elif kind == "periodic":
                 _, best, _, log = kd_aif.fit_periodic(
                     distiller, init(), None, S["data"], scorer, epochs=epochs,
                     rescore_every=inf.rescore_every, mapping=mapping,
                     temperature=inf.temperature, checkpoint_dir=os.path.join(d, run),
-                    select_on="val", desc=f"{setting} {prefix}{run}", **fit_kw)
+                    desc=f"{setting} {prefix}{run}", **fit_kw)
                 w = log[-1][1]
                 results[run] = (best, np.ones(len(S["bad"]), np.float32) if w is None
                                 else np.asarray(w))

@@ -28,8 +28,8 @@ from experiments.common import load_splits, teacher_and_logits
 from kdjax import data as kdata
 from kdjax import methods, models
 from kdjax.experiment.config import config_hash, load_config, parse_cli
-from kdjax.train import (Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer,
-                         predict)
+from kdjax.train import (Checkpointer, Distiller, EvalSet, Evaluation, fit, make_mesh,
+                         make_optimizer, predict)
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.pretrain import pretrain
@@ -95,10 +95,10 @@ def run_method(cfg, sname, s, name, train, val, test, teacher, tvars, logits, me
     keys = jnp.stack([jax.random.PRNGKey(k) for k in seeds])
     n_seeds = len(seeds) if cfg.vmap_seeds and len(seeds) > 1 else 0
     every = max(1, epochs // s.student.evaluations)
-    common = dict(epochs=epochs, batch_size=b, mesh=mesh, select_on="val",
-                  eval_sets={"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])},
-                  eval_every=every, checkpoint_every=every, progress=cfg.progress,
-                  desc=f"{sname}/{name}")
+    val_set = EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])
+    common = dict(epochs=epochs, batch_size=b, mesh=mesh,
+                  evaluation=Evaluation({"val": val_set}, every=every, select_on="val"),
+                  checkpoint_every=every, progress=cfg.progress, desc=f"{sname}/{name}")
     # the initialisation stage: the student's optimiser at a constant learning rate
     pre_tx = make_optimizer({**s.student.optimizer.to_dict(), "schedule": "constant",
                              "warmup_epochs": 0}, total_steps=1, steps_per_epoch=1)
@@ -118,9 +118,7 @@ def run_method(cfg, sname, s, name, train, val, test, teacher, tvars, logits, me
             if hist:
                 for k_i, k in enumerate(group):
                     pre_losses[k] = [h[k_i] if n_seeds else h for h in (hist[0], hist[-1])]
-        _, best, _ = fit(distiller, state, tv, data, checkpointer=ckpt, num_seeds=n_seeds,
-                         **common)
-        bests += best if n_seeds else [best]
+        bests += fit(distiller, state, tv, data, checkpointer=ckpt, **common).best
     rows = []
     for k, best in zip(seeds, bests):
         variables = {"params": best["params"]}

@@ -37,7 +37,7 @@ from experiments.configs import shift as shift_config
 from kdjax import data as kdata
 from kdjax import methods, models
 from kdjax.experiment.config import config_hash, load_config, parse_cli
-from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer
+from kdjax.train import Checkpointer, Distiller, EvalSet, Evaluation, fit, make_mesh, make_optimizer
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
 from kdjax.train.pretrain import pretrain
@@ -307,10 +307,10 @@ def run_cells(config, seeds) -> list[dict] | None:
     if not ckpt.steps():  # initialisation stage (FT, AB, FSP); a resumed cell has done it
         state = pretrain(distiller, state, tvars, data, batch_size=b, mesh=mesh,
                          num_seeds=len(seeds))
-    _, bests, _ = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b, mesh=mesh,
-                      eval_sets=eval_sets, select_on="val", eval_every=every,
-                      checkpoint_every=every, checkpointer=ckpt, num_seeds=len(seeds),
-                      progress=cfg.progress, desc=f"{cfg.shift} {entry['name']}")
+    bests = fit(distiller, state, tvars, data, epochs=epochs, batch_size=b, mesh=mesh,
+                evaluation=Evaluation(eval_sets, every=every, select_on="val"),
+                checkpoint_every=every, checkpointer=ckpt, progress=cfg.progress,
+                desc=f"{cfg.shift} {entry['name']}").best
     ckpt.close()
 
     # selected checkpoints (best val accuracy per seed) on every split

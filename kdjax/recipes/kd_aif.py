@@ -63,7 +63,7 @@ from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_weights, in
                              per_example_jvp)
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.engine import Distiller, TrainState
-from kdjax.train.loop import fit
+from kdjax.train.loop import fit, num_seeds_of
 
 __all__ = [
     "CURVATURES",
@@ -316,15 +316,13 @@ def one_shot(distiller: Distiller, init_state: TrainState, teacher_vars, data, s
         else (lambda name: None)
     copy = lambda: jax.tree_util.tree_map(jnp.copy, init_state)  # noqa: E731 (fit donates)
     if uniform_state is None:
-        uniform_state, _, _ = fit(distiller, copy(), teacher_vars,
-                                  with_weights(data, None), checkpointer=ck("uniform"),
-                                  **fit_kwargs)
+        uniform_state = fit(distiller, copy(), teacher_vars, with_weights(data, None),
+                            checkpointer=ck("uniform"), **fit_kwargs).state
     scores = scorer(uniform_state)
     weights = influence_weights(scores, mapping, temperature)
-    state, best, history = fit(distiller, copy(), teacher_vars,
-                               with_weights(data, weights), checkpointer=ck("weighted"),
-                               **fit_kwargs)
-    return state, best, history, weights, scores
+    res = fit(distiller, copy(), teacher_vars, with_weights(data, weights),
+              checkpointer=ck("weighted"), **fit_kwargs)
+    return res.state, res.best[0], res.history, weights, scores
 
 
 def _atomic_save_npy(path, array):
@@ -338,7 +336,7 @@ def _atomic_save_npy(path, array):
 def fit_periodic(distiller: Distiller, state: TrainState, teacher_vars, data, scorer, *,
                  epochs: int, rescore_every: int, mapping: str = "exp_minmax",
                  temperature: float = 1.0, checkpoint_dir: str | None = None,
-                 select_on: str | None = None, **fit_kwargs):
+                 **fit_kwargs):
     """KD-AIF with periodic re-scoring: weights recomputed every ``rescore_every`` epochs.
 
     Epochs ``[0, K)`` use uniform weights; before epoch ``cK`` (``c >= 1``) the current
@@ -355,17 +353,19 @@ def fit_periodic(distiller: Distiller, state: TrainState, teacher_vars, data, sc
     reloads them, replays nothing that finished and gives the same result.
 
     Returns ``(state, best, history, weights_log)``; ``best`` is the best over all
-    chunks on ``select_on`` (as in :func:`kdjax.train.fit`), ``weights_log`` a list of
-    ``(epoch, weights)`` (``weights`` None for the uniform start).
+    chunks on ``evaluation.select_on`` (as in :func:`kdjax.train.fit`), ``weights_log`` a
+    list of ``(epoch, weights)`` (``weights`` None for the uniform start).
     """
     check_choice(mapping, "mapping", WEIGHT_MAPPINGS)
     if isinstance(rescore_every, bool) or int(rescore_every) < 1:
         raise ValueError(f"rescore_every must be an integer >= 1, got {rescore_every!r}.")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    if fit_kwargs.get("num_seeds"):
+    if num_seeds_of(state):
         raise ValueError("fit_periodic trains one seed (weights differ per seed); "
-                         "got num_seeds > 0.")
+                         "got a state with a leading seed axis.")
+    evaluation = fit_kwargs.get("evaluation")
+    select_on = evaluation.select_on if evaluation is not None else None
     k = int(rescore_every)
     weights, log, history, best = None, [], [], None
     for c, start in enumerate(range(0, epochs, k)):
@@ -387,24 +387,25 @@ def fit_periodic(distiller: Distiller, state: TrainState, teacher_vars, data, sc
                 if wpath:
                     _atomic_save_npy(wpath, weights)
         log.append((start, weights))
-        state, b, h = fit(distiller, state, teacher_vars, with_weights(data, weights),
-                          epochs=end, checkpointer=ck, select_on=select_on, **fit_kwargs) \
-            if ck is not None else _fit_chunk(distiller, state, teacher_vars,
-                                              with_weights(data, weights), start, end,
-                                              select_on, fit_kwargs)
+        state, b, h = _fit_chunk(distiller, state, teacher_vars, with_weights(data, weights),
+                                 start, end, ck, fit_kwargs)
         history += [r for r in h if r["epoch"] > start]
         if best is None or select_on is None or b["value"] > best["value"]:
             best = b
     return state, best, history, log
 
 
-def _fit_chunk(distiller, state, teacher_vars, data, start, end, select_on, fit_kwargs):
-    """``fit`` for epochs ``[start, end)`` without a checkpointer (epoch labels offset)."""
-    state, best, history = fit(distiller, state, teacher_vars, data, epochs=end - start,
-                               select_on=select_on, **fit_kwargs)
-    history = [dict(r, epoch=r["epoch"] + start) for r in history]
-    best = dict(best, epoch=best["epoch"] + start)
-    return state, best, history
+def _fit_chunk(distiller, state, teacher_vars, data, start, end, ck, fit_kwargs):
+    """``fit`` for epochs ``[start, end)``: with a checkpointer (whose first checkpoint is
+    the chunk's start) up to ``end``; without, ``end - start`` epochs, labels offset."""
+    if ck is not None:
+        res = fit(distiller, state, teacher_vars, data, epochs=end, checkpointer=ck,
+                  **fit_kwargs)
+        return res.state, res.best[0], res.history
+    res = fit(distiller, state, teacher_vars, data, epochs=end - start, **fit_kwargs)
+    history = [dict(r, epoch=r["epoch"] + start) for r in res.history]
+    best = dict(res.best[0], epoch=res.best[0]["epoch"] + start)
+    return res.state, best, history
 
 
 # ---------------------------------------------------------------- data settings

@@ -6,12 +6,14 @@ a restarted ``fit`` with the same checkpointer resumes from the newest readable
 checkpoint and, since epoch keys are ``fold_in(seed_key, epoch)``, ends with exactly
 the parameters of an uninterrupted run.
 
-Several seeds can train as one program: pass a state with a leading seed axis
-(``jax.vmap(distiller.init)``) and ``num_seeds=S``.
+Several seeds train as one program when the state has a leading seed axis
+(``jax.vmap(distiller.init)``); ``fit`` reads the number of seeds from it. One seed or
+many, ``fit`` returns one :class:`FitResult` whose ``best`` has one record per seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -23,11 +25,68 @@ from tqdm.auto import tqdm
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.engine import Distiller, TrainState, evaluate, replicate
 
-__all__ = ["EvalSet", "fit"]
+__all__ = ["EvalSet", "Evaluation", "FitResult", "fit", "num_seeds_of"]
 
 
 class EvalSet(dict):
     """``EvalSet(x=..., y=..., teacher_logits=None, groups=None, num_groups=0)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What :func:`fit` evaluates, how often, and which epoch it keeps.
+
+    Attributes:
+      sets: named evaluation sets (:class:`EvalSet`), evaluated every ``every`` epochs
+        and after the last one; ``FitResult.history`` holds one row per evaluation and
+        seed.
+      every: epochs between evaluations.
+      select_on: name of the set used for model selection (e.g. ``"val"``): ``best`` is
+        the epoch with the highest ``metric`` there. ``None``: the last epoch. Never
+        select on a test split.
+      metric: the metric of ``select_on`` that is maximised.
+      batch_size: batch size of the evaluation's forward passes (padding rows are
+        masked, so it changes speed and memory, not the metrics).
+    """
+
+    sets: Mapping[str, EvalSet] = dataclasses.field(default_factory=dict)
+    every: int = 1
+    select_on: str | None = None
+    metric: str = "accuracy"
+    batch_size: int = 512
+
+    def __post_init__(self):
+        if self.select_on is not None and self.select_on not in self.sets:
+            raise ValueError(f"select_on={self.select_on!r} is not an eval set; "
+                             f"valid: {sorted(self.sets)}.")
+        for name in ("every", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Evaluation.{name} must be an int >= 1, got {v!r}.")
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns, for one seed or many.
+
+    Attributes:
+      state: the final training state (leading seed axis when the input had one).
+      best: one record per seed (a list of length 1 for an unbatched state):
+        ``{"params", "batch_stats", "epoch", "metrics", "value"}`` of the selected
+        epoch (:attr:`Evaluation.select_on`), or of the last epoch without selection.
+      history: one row per evaluation and seed: ``{"epoch", "seed_index", "train",
+        <set name>: metrics}``.
+    """
+
+    state: TrainState
+    best: list[dict]
+    history: list[dict]
+
+
+def num_seeds_of(state: TrainState) -> int:
+    """Size of the leading seed axis of a state (0 for a single, unbatched run)."""
+    epoch = jnp.shape(state.epoch)
+    return int(epoch[0]) if epoch else 0
 
 
 def _seed_slice(tree, s: int | None):
@@ -45,36 +104,35 @@ def _evaluate_state(distiller: Distiller, state: TrainState, eval_sets, batch_si
 
 def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mapping[str, Any],
         *, epochs: int, batch_size: int, mesh: Mesh | None = None,
-        eval_sets: Mapping[str, EvalSet] | None = None, eval_every: int = 1,
-        select_on: str | None = None, select_metric: str = "accuracy",
-        checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
-        num_seeds: int = 0, progress: bool = True, desc: str = "train", index_fn=None):
-    """Trains for ``epochs`` epochs; returns ``(state, best, history)``.
+        evaluation: Evaluation | None = None, checkpointer: Checkpointer | None = None,
+        checkpoint_every: int = 1, index_fn=None, progress: bool = True,
+        desc: str = "train") -> FitResult:
+    """Trains until ``state.epoch == epochs``; returns a :class:`FitResult`.
 
     Args:
+      distiller: the student, teacher, methods and optimiser.
+      state: ``distiller.init(...)``, or a stack of them along a leading seed axis
+        (``jax.vmap(distiller.init)``): the seeds then train as one program.
+      teacher_vars: the frozen teacher's variables (None without a teacher).
       train_data: dict of arrays (``x``, ``y``, ...), moved to device once.
-      eval_sets: named evaluation sets, evaluated every ``eval_every`` epochs and at the
-        end; ``history`` holds one dict per evaluation.
-      select_on: name of the eval set used for model selection (e.g. ``"val"``); the
-        ``best`` returned is ``{"params", "batch_stats", "epoch", "metrics"}`` of the
-        best epoch per seed. Never select on a test split.
-      checkpointer: resume from / save to it.
-      num_seeds: 0 for a single run; ``S`` when ``state`` has a leading seed axis.
+      epochs: total number of epochs (a resumed run continues up to it).
+      batch_size: global batch size (divisible by the mesh's devices).
+      mesh: optional ``("data",)`` mesh (data parallel).
+      evaluation: what to evaluate and select on (:class:`Evaluation`).
+      checkpointer: resume from / save to it, every ``checkpoint_every`` epochs and
+        after the last.
       index_fn: optional batch plan, see :meth:`Distiller.epoch_fn`.
+      progress, desc: progress bar and its label.
     """
-    eval_sets = dict(eval_sets or {})
-    if select_on is not None and select_on not in eval_sets:
-        raise ValueError(f"select_on={select_on!r} is not an eval set; "
-                         f"valid: {sorted(eval_sets)}.")
+    evaluation = Evaluation() if evaluation is None else evaluation
+    eval_sets, select_on = dict(evaluation.sets), evaluation.select_on
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
     if mesh is not None and batch_size % mesh.devices.size:
         raise ValueError(f"batch_size {batch_size} must be divisible by the "
                          f"{mesh.devices.size} devices of the mesh.")
+    num_seeds = num_seeds_of(state)
     seeds = list(range(num_seeds)) if num_seeds else [None]
-
-    def select_value(metrics):
-        return metrics[select_on][select_metric] if select_on else None
 
     history: list[dict] = []
     # host copies: the device state is donated to the epoch function
@@ -104,20 +162,22 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
     for e in bar:
         state, terms = epoch_fn(state, tvars, data)
         last = e + 1 == epochs
-        if eval_sets and ((e + 1) % eval_every == 0 or last):
+        if eval_sets and ((e + 1) % evaluation.every == 0 or last):
             for si, s in enumerate(seeds):
                 st = _seed_slice(state, s)
-                metrics = _evaluate_state(distiller, st, eval_sets, 512, mesh)
+                metrics = _evaluate_state(distiller, st, eval_sets, evaluation.batch_size,
+                                          mesh)
                 row = {"epoch": e + 1, "seed_index": si,
                        "train": {k: float(np.asarray(v).reshape(-1)[si if s is not None else 0])
                                  for k, v in terms.items()},
                        **metrics}
                 history.append(row)
-                value = select_value(metrics)
-                if value is not None and value > best[si]["value"]:
-                    best[si].update(value=value, epoch=e + 1, metrics=metrics,
-                                    params=jax.device_get(st.params["student"]),
-                                    batch_stats=jax.device_get(st.batch_stats))
+                if select_on is not None:
+                    value = metrics[select_on][evaluation.metric]
+                    if value > best[si]["value"]:
+                        best[si].update(value=value, epoch=e + 1, metrics=metrics,
+                                        params=jax.device_get(st.params["student"]),
+                                        batch_stats=jax.device_get(st.batch_stats))
             if progress:
                 bar.set_postfix({k: f"{v['accuracy']:.3f}" for k, v in metrics.items()})
         if checkpointer is not None and ((e + 1) % checkpoint_every == 0 or last):
@@ -130,7 +190,7 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
             best[si].update(epoch=epochs, params=jax.device_get(st.params["student"]),
                             batch_stats=jax.device_get(st.batch_stats),
                             metrics=history[-1] if history else None)
-    return state, (best if num_seeds else best[0]), history
+    return FitResult(state=state, best=best, history=history)
 
 
 def _best_arrays(best):

@@ -20,7 +20,7 @@ from kdjax.experiment.config import config_hash
 from kdjax.data import get_augmentation
 from kdjax.train.checkpoint import load_pytree, save_pytree
 from kdjax.train.engine import Distiller
-from kdjax.train.loop import EvalSet, fit
+from kdjax.train.loop import EvalSet, Evaluation, fit
 from kdjax.train.optim import make_optimizer
 from kdjax._io import atomic_write_text, run_metadata
 
@@ -70,10 +70,11 @@ def get_teacher(teacher_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
                         steps_per_epoch=steps)
     distiller = Distiller(module, (methods.build({"name": "ce"}),), tx, augment=augment)
     state = distiller.init(int(tc.get("seed", 0)), train["x"][:2])
-    _, best, history = fit(distiller, state, None, {"x": train["x"], "y": train["y"]},
-                           epochs=tc["epochs"], batch_size=tc["batch_size"], mesh=mesh,
-                           eval_sets={"val": EvalSet(x=val["x"], y=val["y"])},
-                           select_on="val", progress=progress, desc="teacher")
+    (best,) = fit(distiller, state, None, {"x": train["x"], "y": train["y"]},
+                  epochs=tc["epochs"], batch_size=tc["batch_size"], mesh=mesh,
+                  evaluation=Evaluation({"val": EvalSet(x=val["x"], y=val["y"])},
+                                        select_on="val"),
+                  progress=progress, desc="teacher").best
     variables = {"params": best["params"]}
     if best["batch_stats"]:
         variables["batch_stats"] = best["batch_stats"]

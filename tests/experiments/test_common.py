@@ -9,7 +9,7 @@ import optax
 
 from experiments.common import fit_seeds
 from kdjax import methods, models
-from kdjax.train import Distiller, EvalSet
+from kdjax.train import Distiller, EvalSet, Evaluation
 
 
 def _flat(tree):
@@ -22,8 +22,8 @@ def test_fit_seeds_vmapped_equals_sequential(tmp_path):
     y = (x[:, 0] > 0).astype(np.int32)
     d = Distiller(models.create("mlp", 2, hidden=(8,)), (methods.build({"name": "ce"}),),
                   optax.sgd(0.1))
-    kw = dict(epochs=2, batch_size=16, eval_sets={"val": EvalSet(x=x[:16], y=y[:16])},
-              select_on="val", progress=False)
+    kw = dict(epochs=2, batch_size=16, progress=False,
+              evaluation=Evaluation({"val": EvalSet(x=x[:16], y=y[:16])}, select_on="val"))
     out = {}
     for vmap in (True, False):
         ckpt_dir = str(tmp_path / str(vmap))

@@ -202,8 +202,8 @@ def test_one_shot_uses_fixed_weights_from_uniform_student():
     assert int(state.epoch) == 2 and np.isfinite(np.asarray(scores)).all()
     # the weighted run differs from the uniform one (same init, same batches)
     from kdjax.train import fit
-    uni, _, _ = fit(d, d.init(0, data["x"][:2]), None, data, epochs=2, batch_size=16,
-                    progress=False)
+    uni = fit(d, d.init(0, data["x"][:2]), None, data, epochs=2, batch_size=16,
+              progress=False).state
     assert not np.allclose(ravel_pytree(uni.params)[0], ravel_pytree(state.params)[0])
 
 

@@ -15,8 +15,8 @@ import pytest
 from kdjax import influence, losses, methods, models
 from kdjax import data as kdata
 from kdjax.experiment.config import apply_overrides
-from kdjax.train import (Distiller, evaluate, fit, make_mesh, make_optimizer, predict,
-                         shard_batch)
+from kdjax.train import (Distiller, Evaluation, evaluate, fit, make_mesh, make_optimizer,
+                         predict, shard_batch)
 
 
 def f(*shape, seed=0):
@@ -213,7 +213,7 @@ CASES = [
      r"epochs and batch_size must be >= 1, got 0 and 8"),
     ("fit/batch-not-divisible", lambda: _fit(mesh=make_mesh(8), batch_size=12), ValueError,
      r"batch_size 12 must be divisible by the 8 devices of the mesh"),
-    ("fit/select_on", lambda: _fit(select_on="val"), ValueError,
+    ("fit/select_on", lambda: _fit(evaluation=Evaluation(select_on="val")), ValueError,
      r"select_on='val' is not an eval set; valid: \[\]"),
     ("fit/batch-larger-than-data", lambda: _fit(batch_size=32), ValueError,
      r"batch_size 32 is larger than the dataset \(16\)"),

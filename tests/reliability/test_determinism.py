@@ -4,8 +4,8 @@ import jax
 import numpy as np
 
 from kdjax import methods, models
-from kdjax.train import (Distiller, EvalSet, fit, make_mesh, make_optimizer, replicate,
-                         shard_batch)
+from kdjax.train import (Distiller, EvalSet, Evaluation, fit, make_mesh, make_optimizer,
+                         replicate, shard_batch)
 
 
 def _data(n=192, seed=0):
@@ -32,8 +32,9 @@ def test_same_seed_gives_identical_metrics_with_eval():
              "test": EvalSet(x=data["x"][64:128], y=data["y"][64:128])}
     runs = []
     for seed in (3, 3, 4):
-        _, best, hist = fit(d, d.init(seed, data["x"][:2], tv), tv, data, epochs=2,
-                            batch_size=32, eval_sets=evals, select_on="val", progress=False)
+        res = fit(d, d.init(seed, data["x"][:2], tv), tv, data, epochs=2, batch_size=32,
+                  evaluation=Evaluation(evals, select_on="val"), progress=False)
+        (best,), hist = res.best, res.history
         runs.append((hist, best["metrics"], best["epoch"]))
     assert runs[0] == runs[1]          # every metric of every epoch, bit for bit
     assert len(runs[0][0]) == 2 and {"val", "test", "train"} <= set(runs[0][0][-1])

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from kdjax import methods, models
-from kdjax.train import Checkpointer, Distiller, EvalSet, fit, make_mesh, make_optimizer
+from kdjax.train import (Checkpointer, Distiller, EvalSet, Evaluation, FitResult, fit,
+                         make_mesh, make_optimizer)
 
 
 def _data(n=256, seed=0):
@@ -52,9 +53,10 @@ def test_eight_devices_equal_one_device(n_devices):
     for n in (1, 8):
         mesh = make_mesh(n)
         state = d.init(0, data["x"][:2], tv)
-        state, _, hist = fit(d, state, tv, data, epochs=3, batch_size=32, mesh=mesh,
-                             eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])},
+        res = fit(d, state, tv, data, epochs=3, batch_size=32, mesh=mesh,
+                             evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}),
                              progress=False)
+        state, hist = res.state, res.history
         out[n] = (_flat(state.params), [h["train"]["total"] for h in hist])
     np.testing.assert_allclose(out[8][0], out[1][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[8][1], out[1][1], rtol=1e-5)
@@ -66,8 +68,9 @@ def test_training_reduces_loss_and_teacher_is_not_updated():
     tv = _teacher_vars(d.teacher, data["x"])
     tv_before = _flat(tv)
     state = d.init(0, data["x"][:2], tv)
-    state, _, hist = fit(d, state, tv, data, epochs=6, batch_size=32,
-                         eval_sets={"val": EvalSet(x=data["x"], y=data["y"])}, progress=False)
+    res = fit(d, state, tv, data, epochs=6, batch_size=32,
+              evaluation=Evaluation({"val": EvalSet(x=data["x"], y=data["y"])}), progress=False)
+    state, hist = res.state, res.history
     assert hist[-1]["train"]["total"] < hist[0]["train"]["total"]
     np.testing.assert_array_equal(_flat(tv), tv_before)
     assert set(state.params) == {"student", "adapters"}
@@ -79,11 +82,12 @@ def test_vmapped_seeds_equal_sequential_runs():
     tv = _teacher_vars(d.teacher, data["x"])
     keys = jnp.stack([jax.random.PRNGKey(s) for s in (0, 1, 2)])
     states = jax.vmap(lambda k: d.init(k, data["x"][:2], tv))(keys)
-    states, _, _ = fit(d, states, tv, data, epochs=2, batch_size=32, num_seeds=3,
-                       progress=False)
+    res = fit(d, states, tv, data, epochs=2, batch_size=32, progress=False)
+    states = res.state
+    assert isinstance(res, FitResult) and len(res.best) == 3
     for i, s in enumerate((0, 1, 2)):
-        single, _, _ = fit(d, d.init(s, data["x"][:2], tv), tv, data, epochs=2,
-                           batch_size=32, progress=False)
+        single = fit(d, d.init(s, data["x"][:2], tv), tv, data, epochs=2,
+                     batch_size=32, progress=False).state
         vm = jax.tree_util.tree_map(lambda a: a[i], states.params)
         np.testing.assert_allclose(_flat(vm), _flat(single.params), rtol=2e-5, atol=1e-6)
     # and the seeds really differ
@@ -134,7 +138,7 @@ def test_same_seed_same_numbers_and_different_seed_differs():
     data = _data()
     tv = _teacher_vars(d.teacher, data["x"])
     runs = [fit(d, d.init(s, data["x"][:2], tv), tv, data, epochs=2, batch_size=32,
-                progress=False)[0] for s in (0, 0, 1)]
+                progress=False).state for s in (0, 0, 1)]
     np.testing.assert_array_equal(_flat(runs[0].params), _flat(runs[1].params))
     assert not np.array_equal(_flat(runs[0].params), _flat(runs[2].params))
 
@@ -150,18 +154,20 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     d = _distiller()
     data = _data()
     tv = _teacher_vars(d.teacher, data["x"])
-    ref, _, ref_hist = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4,
+    ref = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4,
                            batch_size=32, progress=False,
-                           eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+                           evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}))
+    ref, ref_hist = ref.state, ref.history
     ck = Checkpointer(str(tmp_path / "ck"))
     fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=2, batch_size=32, progress=False,
-        checkpointer=ck, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+        checkpointer=ck, evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}))
     assert ck.steps()[-1] == 2
     # "restart": a fresh state template, the same checkpointer, the full epoch count
     ck2 = Checkpointer(str(tmp_path / "ck"))
-    res, _, hist = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32,
+    res = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32,
                        progress=False, checkpointer=ck2,
-                       eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+                       evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}))
+    res, hist = res.state, res.history
     np.testing.assert_array_equal(_flat(res.params), _flat(ref.params))
     np.testing.assert_array_equal(_flat(res.opt_state), _flat(ref.opt_state))
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
@@ -197,8 +203,8 @@ KILL_SCRIPT = textwrap.dedent("""
     from kdjax.train import Checkpointer, fit
     d = _distiller(); data = _data(); tv = _teacher_vars(d.teacher, data["x"])
     ck = Checkpointer({ckdir!r}, max_to_keep=2)
-    state, _, _ = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs={epochs},
-                      batch_size=32, progress=False, checkpointer=ck)
+    state = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs={epochs},
+                batch_size=32, progress=False, checkpointer=ck).state
     import numpy as np, jax
     flat = np.concatenate([np.ravel(np.asarray(a, np.float64))
                            for a in jax.tree_util.tree_leaves(state.params)])
@@ -269,10 +275,10 @@ def test_precomputed_teacher_logits_equal_online_teacher():
     tv = _teacher_vars(d_online.teacher, data["x"])
     from kdjax.train import predict
     pre = dict(data, teacher_logits=predict(lambda x: d_online.teacher.apply(tv, x), data["x"]))
-    a, _, _ = fit(d_online, d_online.init(0, data["x"][:2], tv), tv, data, epochs=2,
-                  batch_size=32, progress=False)
-    b, _, _ = fit(d_pre, d_pre.init(0, data["x"][:2], tv), None, pre, epochs=2, batch_size=32,
-                  progress=False)
+    a = fit(d_online, d_online.init(0, data["x"][:2], tv), tv, data, epochs=2,
+            batch_size=32, progress=False).state
+    b = fit(d_pre, d_pre.init(0, data["x"][:2], tv), None, pre, epochs=2, batch_size=32,
+            progress=False).state
     np.testing.assert_allclose(_flat(a.params), _flat(b.params), rtol=1e-5, atol=1e-6)
 
 
@@ -281,7 +287,7 @@ def test_evaluation_does_not_recompile_across_epochs():
     data = _data()
     tv = _teacher_vars(d.teacher, data["x"])
     fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32, progress=False,
-        eval_sets={"val": EvalSet(x=data["x"][:100], y=data["y"][:100])})
+        evaluation=Evaluation({"val": EvalSet(x=data["x"][:100], y=data["y"][:100])}))
     (compiled,) = d.__dict__["_predict_cache"].values()
     assert compiled._cache_size() == 1
     from kdjax.train import predict
@@ -303,10 +309,11 @@ def test_loop_epoch_mode_equals_scan_mode(num_seeds):
         keys = jnp.stack([jax.random.PRNGKey(s) for s in range(num_seeds)])
         return jax.vmap(lambda k: dist.init(k, data["x"][:2], tv))(keys)
 
-    a, _, ha = fit(d, init(d), tv, data, epochs=2, batch_size=32, num_seeds=num_seeds,
-                   progress=False, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
-    b, _, hb = fit(loop, init(loop), tv, data, epochs=2, batch_size=32, num_seeds=num_seeds,
-                   progress=False, eval_sets={"val": EvalSet(x=data["x"][:64], y=data["y"][:64])})
+    ra = fit(d, init(d), tv, data, epochs=2, batch_size=32,
+                   progress=False, evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}))
+    rb = fit(loop, init(loop), tv, data, epochs=2, batch_size=32,
+                   progress=False, evaluation=Evaluation({"val": EvalSet(x=data["x"][:64], y=data["y"][:64])}))
+    (a, ha), (b, hb) = (ra.state, ra.history), (rb.state, rb.history)
     np.testing.assert_allclose(_flat(b.params), _flat(a.params), rtol=1e-5, atol=1e-6)
     assert int(np.asarray(b.epoch).reshape(-1)[0]) == 2
     np.testing.assert_allclose([h["train"]["total"] for h in hb],
