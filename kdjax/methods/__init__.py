@@ -58,6 +58,8 @@ class Method:
         reference code): same signature as ``loss``; before distillation the engine
         minimises it over this method's adapter params only, with the student frozen,
         for ``options["pretrain_epochs"]`` epochs (the option must then exist).
+      needs_teacher: False for teacher-free objectives (``ce``, the DG teacher
+        objectives of :mod:`kdjax.methods.robust`), which may train without a teacher.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Method:
     doc: str = ""
     pretrain_loss: Callable[..., Any] | None = None
     needs_models: bool = False
+    needs_teacher: bool = True
 
 
 def register(method: Method) -> Method:
@@ -177,7 +180,7 @@ def _kd(params, student_out, teacher_out, batch, temperature):
 
 
 register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},
-                default_weight=1.0, needs_labels=True,
+                default_weight=1.0, needs_labels=True, needs_teacher=False,
                 doc="cross-entropy with the labels (batch['weights'] as sample weights)"))
 register(Method("kd", stateless(_kd), options={"temperature": 4.0}, default_weight=0.9,
                 doc="Hinton KD, tau^2 KL(p_T || p_S)"))

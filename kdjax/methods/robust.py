@@ -96,12 +96,13 @@ def _coral(params, student_out, teacher_out, batch, *, partition, num_partitions
 _COMMON = {"partition": "env", "num_partitions": 0}
 register(Method("groupdro", _groupdro, init=_groupdro_init,
                 options={**_COMMON, "eta": 1e-2}, default_weight=1.0, needs_labels=True,
+                needs_teacher=False,
                 doc="Group DRO over batch[partition] (Sagawa et al. 2020; DomainBed)"))
 register(Method("vrex", _vrex, init=_vrex_init,
                 options={**_COMMON, "penalty_weight": 10.0, "anneal_steps": 500},
-                default_weight=1.0, needs_labels=True,
+                default_weight=1.0, needs_labels=True, needs_teacher=False,
                 doc="V-REx: mean + lambda Var of per-partition risks (Krueger 2021)"))
 register(Method("coral", stateless(_coral),
                 options={**_COMMON, "gamma": 1.0, "features": "pooled"},
-                default_weight=1.0, needs_labels=True,
+                default_weight=1.0, needs_labels=True, needs_teacher=False,
                 doc="Deep CORAL: risks + gamma mean/cov gaps of features (Sun 2016)"))
