@@ -76,18 +76,30 @@ METHODS = [
      "augment": {"name": "randaugment", "num_ops": 2, "magnitude": 0.5}},
 ]
 
-QUICK_METHODS = ["ce", "kd", "dkd", "fitnet", "rkd", "kd+mixup"]
+QUICK_METHODS = ["ce", "kd", "dkd", "kd_ls", "dist", "fitnet", "rkd", "kd+mixup"]
 FULL_SHIFTS = ["mnist1d_domains:base", "mnist1d_domains:shear", "mnist1d_domains:scale",
                "mnist1d_domains:clean", "rotated_digits:0", "rotated_digits:15",
                "rotated_digits:30", "rotated_digits:45", "rotated_digits:60",
                "rotated_digits:75", "coloured_digits", "spurious_mnist1d"]
 QUICK_SHIFTS = ["mnist1d_domains:shear", "rotated_digits:75", "coloured_digits",
                 "spurious_mnist1d"]
+# Teacher objectives (teacher.algorithm; kdjax.methods.robust, DomainBed definitions).
+# ``partition``: which array of the training data the objective groups by ("env": the
+# training environment, DomainBed; "group": label x [attribute != label], Sagawa et
+# al. 2020); num_partitions is filled in from the data. erm = plain cross-entropy.
+ALGORITHMS = {
+    "erm": {"name": "ce"},
+    "groupdro": {"name": "groupdro", "partition": "group", "eta": 1e-2},
+    "vrex": {"name": "vrex", "partition": "env", "penalty_weight": 10.0,
+             "anneal_steps": 100},
+    "coral": {"name": "coral", "partition": "env", "gamma": 1.0},
+}
 
 
 def get_config(variant: str = "full"):
     """``variant``: ``"full"`` (every method, LODO over 3 MNIST-1D targets) or
-    ``"quick"`` (``--quick``: 6 methods, one target per shift, smaller data/epochs)."""
+    ``"quick"`` (``--quick``: 8 methods, one target per shift, one robust teacher per
+    correlation shift, shorter schedules)."""
     if variant not in ("full", "quick"):
         raise ValueError(f"config variant must be 'full' or 'quick', got {variant!r}.")
     quick = variant == "quick"
@@ -120,8 +132,8 @@ def get_config(variant: str = "full"):
     c.shift_options = ml_collections.ConfigDict({
         "mnist1d_domains": {"num_train": 1500, "num_test": 500},
         "rotated_digits": {"angles": [0, 30, 60, 75] if quick else [0, 15, 30, 45, 60, 75]},
-        "coloured_digits": {"replicas": 2 if quick else 4},
-        "spurious_mnist1d": {"num_train": 2000 if quick else 4000, "num_test": 1000},
+        "coloured_digits": {"replicas": 2},
+        "spurious_mnist1d": {"num_train": 4000, "num_test": 1000},
     })
 
     # architectures by input kind: signals [N, L, C] and images [N, H, W, C]
@@ -133,16 +145,25 @@ def get_config(variant: str = "full"):
     })
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.epochs = 10 if quick else 30
+    c.teacher.epochs = 15 if quick else 30
     c.teacher.batch_size = 128
     c.teacher.seed = 0
+    c.teacher.algorithm = "erm"    # the cell's teacher: erm, a key of algorithms, or
+                                   # "robust" (best of robust_teachers on val; per cell)
+    c.algorithms = {k: dict(v) for k, v in ALGORITHMS.items()}
+    # robust teachers trained per correlation shift; the best on the val split's
+    # worst-group accuracy (never the target) teaches the ``robust_methods`` students
+    c.robust_teachers = ["groupdro"] if quick else ["groupdro", "vrex", "coral"]
+    c.robust_methods = ["kd", "dkd"] if quick else ["kd", "dkd", "dist", "fitnet", "rkd"]
+    # broken-student flag: in-domain accuracy more than this below the CE student's
+    c.broken_margin = 0.10
     c.teacher.optimizer = ml_collections.ConfigDict(
         {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
 
     c.student = ml_collections.ConfigDict()
-    c.student.epochs = 6 if quick else 30
+    c.student.epochs = 20 if quick else 40
     c.student.batch_size = 128
-    c.student.evaluations = 3 if quick else 10   # validation/checkpoint points per run
+    c.student.evaluations = 10                   # validation/checkpoint points per run
     c.student.optimizer = ml_collections.ConfigDict(
         {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
     return c
@@ -214,6 +235,17 @@ def validate(c):
         if name not in kdata.list_shifts():
             raise ValueError(f"config.shift_options.{name}: unknown shift; valid shifts: "
                              f"{kdata.list_shifts()}.")
+    algos = list(c.algorithms.keys())
+    for name in [c.teacher.algorithm, *c.robust_teachers]:
+        if name not in algos and not (name == c.teacher.algorithm == "robust"):
+            raise ValueError(f"unknown teacher algorithm {name!r} (config.teacher.algorithm "
+                             f"/ config.robust_teachers); valid: {algos}.")
+    for name in c.robust_methods:
+        if name not in catalogue:
+            raise ValueError(f"unknown method entry {name!r} in config.robust_methods; "
+                             f"valid entries: {catalogue}.")
+    if not 0 <= c.broken_margin <= 1:
+        raise ValueError(f"config.broken_margin must be in [0, 1], got {c.broken_margin}.")
     for kind in c.models.keys():
         if kind not in ("signal", "image"):
             raise ValueError(f"config.models.{kind}: valid kinds are ['image', 'signal'].")

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from experiments import shift as S
+from experiments import shift_lib as L
+from experiments import shift_report as SR
 from experiments.configs import shift as C
 from kdjax.experiment.config import config_hash, load_config
 from kdjax.experiment import results as R
@@ -50,8 +52,10 @@ def test_validate_method_configs_inside_entries():
 
 def test_catalogue_covers_every_registered_method():
     from kdjax import methods
+    from kdjax.methods import robust
     used = {m["name"] for e in C.METHODS for m in e["methods"]}
-    assert set(methods.names()) - used <= {"ce", "kd"}
+    assert set(methods.names()) - used <= {"ce", "kd", *robust.NAMES}  # DG: teachers
+    assert {a["name"] for a in C.ALGORITHMS.values()} == {"ce", *robust.NAMES}
 
 
 # ------------------------------------------------------------- loss composition
@@ -61,35 +65,35 @@ def _cell(method, **over):
 
 
 def test_loss_terms_shiftkd_mix():
-    terms, skip = S.loss_terms(_cell("kd"), S.resolve_entry(_cell("kd")))
+    terms, skip = L.loss_terms(_cell("kd"), L.resolve_entry(_cell("kd")))
     assert not skip
     assert terms == [{"name": "ce", "weight": 0.6},
                      {"name": "kd", "weight": 0.4, "temperature": 4.0}]
-    terms, _ = S.loss_terms(_cell("ce"), S.resolve_entry(_cell("ce")))
+    terms, _ = L.loss_terms(_cell("ce"), L.resolve_entry(_cell("ce")))
     assert terms == [{"name": "ce", "weight": 1.0}]
     cfg = _cell("fitnet", temperature=8.0)
-    terms, _ = S.loss_terms(cfg, S.resolve_entry(cfg))
+    terms, _ = L.loss_terms(cfg, L.resolve_entry(cfg))
     assert terms[1]["temperature"] == 8.0
     assert terms[2] == {"name": "fitnet", "weight": pytest.approx(0.4 * 100.0)}
     cfg = _cell("dkd", temperature=2.0, **{"method.weight": 0.5})
-    terms, _ = S.loss_terms(cfg, S.resolve_entry(cfg))
+    terms, _ = L.loss_terms(cfg, L.resolve_entry(cfg))
     assert [t["name"] for t in terms] == ["ce", "dkd"]  # DKD replaces KD
     assert terms[1]["weight"] == 0.5 and terms[1]["temperature"] == 2.0
 
 
 def test_loss_terms_skips_with_reasons():
     cfg = _cell("ft")  # methods with an initialisation stage run (pretrain), no skip
-    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg))
+    terms, skip = L.loss_terms(cfg, L.resolve_entry(cfg))
     assert not skip and terms[-1]["name"] == "ft"
 
     def shapes(widths):
         f = {n: jax.ShapeDtypeStruct((2, w), np.float32) for n, w in widths.items()}
         return (jax.ShapeDtypeStruct((2, 10), np.float32), f)
     cfg = _cell("kd2m_sliced")
-    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg), shapes({"pooled": 32}),
+    terms, skip = L.loss_terms(cfg, L.resolve_entry(cfg), shapes({"pooled": 32}),
                                shapes({"pooled": 128}))
     assert "no feature has equal widths" in skip
-    terms, skip = S.loss_terms(cfg, S.resolve_entry(cfg), shapes({"pooled": 64}),
+    terms, skip = L.loss_terms(cfg, L.resolve_entry(cfg), shapes({"pooled": 64}),
                                shapes({"pooled": 64}))
     assert not skip and terms[-1]["features"] == ["pooled", "pooled"]
     assert terms[-1]["weight"] == pytest.approx(0.4 * 1e-4)
@@ -97,29 +101,74 @@ def test_loss_terms_skips_with_reasons():
 
 def test_cell_identity_is_the_cell_only():
     a = _cell("fitnet")
-    base = config_hash(S.cell_identity(a))
+    base = config_hash(L.cell_identity(a))
     b = _cell("fitnet", out_dir="/elsewhere", progress=True, run_methods=["kd"])
-    assert config_hash(S.cell_identity(b)) == base
+    assert config_hash(L.cell_identity(b)) == base
     c = _cell("fitnet")
     with c.unlocked():
         c.methods = [dict(e, methods=[{"name": "rkd", "distance_weight": 1.0}])
                      if e["name"] == "rkd" else e for e in c.methods]
-    assert config_hash(S.cell_identity(c)) == base  # another entry changed: same key
+    assert config_hash(L.cell_identity(c)) == base  # another entry changed: same key
     with c.unlocked():
         c.methods = [dict(e, methods=[{"name": "fitnet", "weight": 1.0}])
                      if e["name"] == "fitnet" else e for e in c.methods]
-    assert config_hash(S.cell_identity(c)) != base
-    assert config_hash(S.cell_identity(_cell("fitnet", temperature=2.0))) != base
+    assert config_hash(L.cell_identity(c)) != base
+    assert config_hash(L.cell_identity(_cell("fitnet", temperature=2.0))) != base
 
 
-def test_plan_orders_shift_outermost():
-    cfg = quick(shifts=["spurious_mnist1d", "coloured_digits"], run_methods=["ce", "kd"],
-                seeds=2)
+def test_plan_orders_shift_outermost_and_adds_robust_teacher_cells():
+    cfg = quick(shifts=["spurious_mnist1d", "rotated_digits:75"], run_methods=["ce", "kd"],
+                robust_methods=["kd"], seeds=2)
     cells = S.plan(cfg)
-    assert [(c.config.shift, c.config.method.name, c.seed) for c in cells][:4] == [
-        ("spurious_mnist1d", "ce", 0), ("spurious_mnist1d", "ce", 1),
-        ("spurious_mnist1d", "kd", 0), ("spurious_mnist1d", "kd", 1)]
-    assert len(cells) == 8
+    got = [(c.config.shift, c.config.teacher.algorithm, c.config.method.name, c.seed)
+           for c in cells]
+    assert got == [("spurious_mnist1d", "erm", "ce", 0), ("spurious_mnist1d", "erm", "ce", 1),
+                   ("spurious_mnist1d", "erm", "kd", 0), ("spurious_mnist1d", "erm", "kd", 1),
+                   ("spurious_mnist1d", "robust", "kd", 0),
+                   ("spurious_mnist1d", "robust", "kd", 1),
+                   ("rotated_digits:75", "erm", "ce", 0), ("rotated_digits:75", "erm", "ce", 1),
+                   ("rotated_digits:75", "erm", "kd", 0), ("rotated_digits:75", "erm", "kd", 1)]
+    assert len({c.key for c in cells}) == len(cells)
+    with pytest.raises(ValueError, match="unknown teacher algorithm 'irmm'"):
+        quick(robust_teachers=["irmm"])
+
+
+def _row(shift, method, seed, in_acc, teacher="erm", **kw):
+    return {"shift": shift, "method": method, "seed": seed, "in_accuracy": in_acc,
+            "teacher": teacher, "target_accuracy": kw.get("target", in_acc - 0.1), **kw}
+
+
+def test_broken_student_flag_marks_and_excludes_from_ranks():
+    """A student 10.5 points below CE in-domain is broken (marked, not ranked); one 9.5
+    below is not."""
+    rows = []
+    for s in range(3):
+        rows += [_row("a", "ce", s, 0.90), _row("a", "kd", s, 0.91),
+                 _row("a", "fitnet", s, 0.795), _row("a", "rkd", s, 0.805),
+                 _row("b", "ce", s, 0.80), _row("b", "fitnet", s, 0.85)]
+    broken = SR.broken_cells(rows, 0.10)
+    assert broken == {("a", "erm", "fitnet")}
+    text = SR.table(rows, "target_accuracy", ["ce", "kd", "fitnet", "rkd"], ["a", "b"],
+                    broken=broken, baseline="kd")
+    line = {ln.split(" | ")[0][2:]: ln for ln in text.split("Difference")[0].splitlines()
+            if ln.startswith("| ")}
+    assert "69.5 ± 0.0 †" in line["fitnet"] and "(1)" in line["fitnet"]  # b: ranked 1st
+    assert line["fitnet"].rstrip(" |").endswith("1.00")  # mean rank over b only
+    assert "(3)" in line["rkd"] and "(1)" in line["kd"] and "(2)" in line["ce"]
+    diff = text.split("Difference to kd")[1]
+    assert any(ln.startswith("| fitnet |") and "†" in ln for ln in diff.splitlines())
+
+
+def test_val_gain_last_quarter_and_lodo_rows():
+    hist = [{"epoch": e, "seed_index": 0, "val": {"accuracy": a}}
+            for e, a in ((2, 0.5), (4, 0.6), (6, 0.7), (8, 0.72))]
+    assert L.val_gain_last_quarter(hist, 0, 8) == pytest.approx(0.02)
+    rows = [_row("m:x", "kd", 0, 0.9, target=0.5), _row("m:y", "kd", 0, 0.8, target=0.7),
+            _row("m:x", "ce", 0, 0.9, target=0.4)]
+    out = SR.lodo_rows(rows)
+    lodo = [r for r in out if r["shift"] == "m (LODO mean)"]
+    assert len(lodo) == 1 and lodo[0]["method"] == "kd"  # ce lacks target y
+    assert lodo[0]["target_accuracy"] == pytest.approx(0.6)
 
 
 # ------------------------------------------------------------------ end to end
@@ -128,6 +177,7 @@ TINY = ["--config.student.epochs=2", "--config.teacher.epochs=2",
         "--config.student.evaluations=2", "--config.seeds=2",
         "--config.shifts=['spurious_mnist1d', 'coloured_digits']",
         "--config.run_methods=['ce', 'kd', 'fitnet', 'kd+cutmix']",
+        "--config.robust_methods=['kd']",
         "--config.shift_options.spurious_mnist1d.num_train=400",
         "--config.shift_options.spurious_mnist1d.num_test=200",
         "--config.shift_options.coloured_digits.replicas=1"]
@@ -141,17 +191,25 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
     methods = ["ce", "kd", "fitnet"]
     shifts = ["spurious_mnist1d", "coloured_digits"]
     # kd+cutmix runs on images only
-    assert {(r["method"], r["shift"]) for r in rows} == (
+    erm = [r for r in rows if r["teacher"] == "erm"]
+    assert {(r["method"], r["shift"]) for r in erm} == (
         {(m, s) for m in methods for s in shifts} | {("kd+cutmix", "coloured_digits")})
-    assert len(rows) == 7 * 2
+    robust = [r for r in rows if r["teacher"] == "robust"]
+    assert {(r["method"], r["shift"], r["teacher_algorithm"]) for r in robust} == {
+        ("kd", s, "groupdro") for s in shifts}
+    assert len(rows) == 9 * 2
     for r in rows:
         for k in ("git_revision", "jax_version", "device_kind", "device_count", "config",
                   "seed", "global_batch_size", "cell_key", "loss_terms",
                   "target_accuracy", "in_accuracy", "target_agreement",
-                  "target_worst_group_accuracy", "teacher_target_accuracy"):
+                  "target_worst_group_accuracy", "teacher_target_accuracy",
+                  "teacher_val_accuracy", "target_ece", "target_nll", "drop",
+                  "target_spurious_rate", "best_epoch", "val_gain_last_quarter",
+                  "weight", "weight_rule"):
             assert k in r, k
         assert r["config"]["shift"] == r["shift"]
         assert r["config"]["method"]["name"] == r["method"]
+        assert r["config"]["teacher"]["algorithm"] == r["teacher"]
         assert 0.0 <= r["target_worst_group_accuracy"] <= r["target_average_group_accuracy"]
         assert r["global_batch_size"] == 128
     # worst-group accuracy recomputed from per-group accuracy bounds the average
@@ -161,7 +219,13 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {m} |"))
         assert line.count("±") == 2, line
     assert "kd+cutmix on spurious_mnist1d: skipped" in text
-    for f in ("target_accuracy.png", "in_vs_target.png", "worst_group_accuracy.png"):
+    assert "## Students of the ERM teacher vs of the best robust teacher" in text
+    assert "| spurious_mnist1d | groupdro (robust pick) |" in text
+    # the robust teacher differs from the ERM one (another objective, another model)
+    t = {r["teacher_algorithm"]: r["teacher_val_accuracy"] for r in rows
+         if r["shift"] == "coloured_digits"}
+    assert set(t) == {"erm", "groupdro"}
+    for f in ("target_accuracy.png", "in_vs_target.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
     assert not (tmp_path / "out" / "ckpt").exists() or not any(
         (tmp_path / "out" / "ckpt").iterdir())
@@ -169,4 +233,4 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "fit", lambda *a, **k: pytest.fail("a finished cell reran"))
     rows2 = S.main(argv)
     assert sorted(r["cell_key"] for r in rows2) == sorted(r["cell_key"] for r in rows)
-    assert len(R.read_jsonl(str(tmp_path / "out" / "results.jsonl"))) == 14
+    assert len(R.read_jsonl(str(tmp_path / "out" / "results.jsonl"))) == 18
