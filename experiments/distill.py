@@ -64,8 +64,9 @@ def train_students(cfg, run, seeds, splits, teacher, mesh, ckpt_dir):
     bests, history = fit_seeds(
         distiller, tvars, data, seeds, vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir,
         name=run["name"], example_x=train.x[:2], epochs=epochs, batch_size=b, mesh=mesh,
-        evaluation=Evaluation({"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])},
-                              every=every, select_on="val"),
+        evaluation=Evaluation(
+            {"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])}, every=every,
+            select_on="val"),
         checkpoint_every=every, progress=cfg.progress, desc=run["name"])
     rows = []
     for i, best in enumerate(bests):

@@ -1,4 +1,12 @@
-"""Evaluation of trained networks: k-NN and linear probes (:mod:`kdjax.evaluation.probes`)."""
+"""Evaluation of trained networks: forward passes (one network or many seeds at once),
+k-NN and linear probes, AUROC, and embedding similarity (linear CKA, k-NN overlap)."""
 
-from kdjax.evaluation.probes import *  # noqa: F401,F403
-from kdjax.evaluation.probes import __all__  # noqa: F401
+from kdjax.evaluation.metrics import auroc
+from kdjax.evaluation.predict import embed, embed_seeds, predict_seeds, stack_variables
+from kdjax.evaluation.probes import (LinearProbeResult, knn_accuracy, knn_predict,
+                                     linear_probe)
+from kdjax.evaluation.similarity import knn_overlap, linear_cka
+
+__all__ = ["auroc", "embed", "embed_seeds", "predict_seeds", "stack_variables",
+           "LinearProbeResult", "knn_accuracy", "knn_predict", "linear_probe",
+           "knn_overlap", "linear_cka"]
