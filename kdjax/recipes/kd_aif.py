@@ -48,8 +48,10 @@ scoring, so examples are independent.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable, Mapping
+import time
+from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
 import jax
@@ -59,8 +61,9 @@ import optax
 
 from kdjax import losses
 from kdjax._checks import check_choice, check_positive
-from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_weights, inverse_hvp,
-                             per_example_jvp)
+from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_scores,
+                             influence_weights)
+from kdjax.recipes import mpl
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.engine import Distiller, TrainState
 from kdjax.train.loop import fit, num_seeds_of
@@ -74,12 +77,13 @@ __all__ = [
     "with_weights",
     "one_shot",
     "fit_periodic",
+    "PROCEDURES",
+    "frozen_teacher_run",
     "semi_supervised_data",
-    "corrupt_teacher_logits",
-    "flip_labels",
-    "mpl_teacher_grad",
-    "mpl_step",
-    "fit_mpl",
+    "joint_step",
+    "make_joint_scorer",
+    "JointResult",
+    "fit_joint",
 ]
 
 CURVATURES = ("ggn", "last_layer")
@@ -146,8 +150,7 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
                    val_objective: Callable[[Any, Any], chex.Array] = val_losses,
                    curvature: str = "ggn", curvature_data: Mapping[str, Any] | None = None,
                    features_fn: Callable[[Any, Any], Any] | None = None,
-                   damping: float = 0.01, method: str | None = None, maxiter: int = 100,
-                   tol: float = 1e-5, chunk_size: int = 1024):
+                   damping: float = 0.01, method: str | None = None, **options):
     r"""KD-AIF influence of every training point on the validation loss, ``[N]``.
 
     .. math::
@@ -159,10 +162,9 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
     x_i), batch_i)`` (the *unweighted* distillation loss: up-weighting ``z_i`` by
     ``epsilon`` adds ``epsilon l_i``) and ``G`` the curvature of the training objective
     ``mean_i w_i l_i`` on ``curvature_data`` (``w_i = batch["weights"]`` if present,
-    else 1). Unlike :func:`kdjax.influence.influence_scores` the validation loss may
-    differ from the training loss (CE on labels vs the KD objective).
-
-    Curvatures:
+    else 1). This is :func:`kdjax.influence.influence_scores` with a model-output loss,
+    a separate validation loss (CE on labels vs the KD objective) and one of two
+    curvatures:
 
     * ``"ggn"`` (default): Gauss-Newton ``J^T H_out J`` of the network
       (:func:`kdjax.influence.ggn_vp`), PSD, solved by damped CG (``method="cg"``).
@@ -170,7 +172,7 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
       treated as variable, on frozen features ``features_fn(params, batch) ->
       [B, D]`` (the ``"pooled"`` embedding). The objective is convex in the head, its
       exact Hessian (:func:`kdjax.influence.hvp`) equals its GGN, and with ``C (D + 1)``
-      parameters it is solved densely (``method="dense"``). Cheap, ignores the body.
+      parameters it is solved directly (``method="direct"``). Cheap, ignores the body.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -196,12 +198,13 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
       features_fn: ``(params, batch) -> [B, D]`` frozen features (``last_layer`` only).
       damping: ``lambda`` of the damped solve.
       method: :func:`kdjax.influence.inverse_hvp` method (default ``"cg"`` for GGN,
-        ``"dense"`` for the last layer).
-      maxiter, tol: CG options.
-      chunk_size: examples per chunk of the scoring JVP.
+        ``"direct"`` for the last layer).
+      **options: solver options (e.g. ``tol``, ``maxiter``) and ``chunk_size`` of the
+        scoring JVP, passed to :func:`kdjax.influence.influence_scores`.
 
     Returns:
-      ``(scores [N], info)``; ``info`` holds the solver diagnostics and ``||g||``.
+      ``(scores [N], info)``: :func:`kdjax.influence.influence_scores`' info (``s``,
+      ``val_grad_norm``, ``inverse_hvp`` diagnostics).
     """
     check_choice(curvature, "curvature", CURVATURES)
     curvature_data = train_data if curvature_data is None else curvature_data
@@ -213,8 +216,7 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
         return fn
 
     if curvature == "ggn":
-        theta = params
-        mfn = model_fn
+        theta, mfn = params, model_fn
         tr, cv, va = train_data, curvature_data, val_data
     else:
         if features_fn is None:
@@ -223,23 +225,18 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
         if not (isinstance(params, Mapping) and "head" in params):
             raise ValueError("curvature='last_layer' needs a params dict with a 'head' "
                              f"entry (kernel, bias), got keys {list(params)}.")
-        theta = params["head"]
-        mfn = _head_logits
+        theta, mfn = params["head"], _head_logits
         add = lambda d: {**d, "pooled": jax.lax.stop_gradient(features_fn(params, d))}  # noqa: E731
         tr, cv, va = add(train_data), add(curvature_data), add(val_data)
-    method = method or ("cg" if curvature == "ggn" else "dense")
-
-    g_val = jax.grad(lambda p: jnp.mean(val_objective(mfn(p, va), va)))(theta)
+    method = method or ("cg" if curvature == "ggn" else "direct")
     if curvature == "ggn":
         matvec = lambda v: ggn_vp(mfn, weighted(objective), theta, cv, v)  # noqa: E731
     else:
         matvec = lambda v: hvp(lambda p, b: weighted(objective)(mfn(p, b), b),  # noqa: E731
                                theta, cv, v)
-    opts = {"tol": tol, "maxiter": maxiter} if method == "cg" else {}
-    s, diag = inverse_hvp(matvec, g_val, method, damping, **opts)
-    d = per_example_jvp(lambda p, b: objective(mfn(p, b), b), theta, tr, s,
-                        chunk_size=chunk_size)
-    return -d, {"inverse_hvp": diag, "val_grad_norm": optax.tree_utils.tree_norm(g_val)}
+    return influence_scores(lambda p, b: objective(mfn(p, b), b), theta, tr, va,
+                            val_loss_fn=lambda p, b: val_objective(mfn(p, b), b),
+                            matvec=matvec, method=method, damping=damping, **options)
 
 
 def make_scorer(distiller: Distiller, train_data: Mapping[str, Any],
@@ -429,185 +426,280 @@ def semi_supervised_data(x: np.ndarray, y: np.ndarray, labelled: np.ndarray,
             "label_mask": labelled.astype(np.float32), "teacher_logits": t}
 
 
-def flip_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int = 0):
-    """Flips a random ``fraction`` of labels to a uniformly drawn *other* class.
-
-    Returns ``(noisy_y, flipped_mask)``.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    mask = np.zeros(n, bool)
-    mask[rng.permutation(n)[:int(round(fraction * n))]] = True
-    shift = rng.integers(1, num_classes, n)
-    return np.where(mask, (y + shift) % num_classes, y).astype(y.dtype), mask
+# ------------------------------------------------------------ the joint loop
+def _split_vars(variables):
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
 
-def corrupt_teacher_logits(logits: np.ndarray, fraction: float, seed: int = 0):
-    """A noisy teacher on a random ``fraction`` of points: their logit vector is rolled by
-    a random non-zero number of classes (the confident class moves to another class).
+def _module_fns(module, rest, train):
+    """``fn(params, x) -> logits`` of a kdjax module (``(logits, features)`` outputs);
+    in train mode the batch statistics of ``x`` are used and their update discarded."""
+    mutable = list(rest) if train else False
 
-    Returns ``(noisy_logits, corrupted_mask)``.
-    """
-    rng = np.random.default_rng(seed)
-    n, c = logits.shape
-    mask = np.zeros(n, bool)
-    mask[rng.permutation(n)[:int(round(fraction * n))]] = True
-    shift = rng.integers(1, c, n)
-    cols = (np.arange(c)[None, :] - shift[:, None]) % c
-    rolled = np.take_along_axis(logits, cols, axis=1)
-    return np.where(mask[:, None], rolled, logits).astype(logits.dtype), mask
+    def fn(p, x):
+        out = module.apply({"params": p, **rest}, x, train=train, mutable=mutable)
+        return (out[0] if mutable else out)[0]
+
+    return fn
 
 
-# ------------------------------------------------------------ meta pseudo labels
-def mpl_teacher_grad(teacher_fn: Callable, student_fn: Callable, teacher_params,
-                     student_params, unlabelled: Mapping[str, Any],
-                     val: Mapping[str, Any], *, student_lr: float,
-                     temperature: float = 1.0):
-    r"""Teacher gradient from the student's validation loss after one student step.
+def joint_step(teacher_fn: Callable, student_fn: Callable, teacher_params, student_params,
+               teacher_opt_state, student_opt_state, teacher_tx, student_tx,
+               batch: Mapping[str, Any], val: Mapping[str, Any],
+               labelled: Mapping[str, Any] | None, *, objective: Mapping[str, float],
+               student_lr: float, teacher_ce_weight: float = 1.0):
+    r"""One step of KD-AIF's joint loop: MPL teacher feedback, weighted student update.
 
-    Meta Pseudo Labels (Pham et al., CVPR 2021, sec. 3 and appendix A), as KD-AIF uses it
-    to update the teacher with the student. One SGD look-ahead step of the student on the
-    teacher's soft pseudo-labels of an unlabelled batch,
+    With ``w_i = batch["weights"]`` (influence weights, mean 1) and ``l_i`` the
+    distillation loss of :func:`distill_losses` (``objective``: ``ce_weight``,
+    ``kd_weight``, ``temperature``, ``ce_scale``) to the teacher's logits of ``x_i``,
 
     .. math::
-        \theta_S' = \theta_S - \eta\, g(\theta_T), \quad
-        g(\theta_T) = \nabla_{\theta_S} \tau^2\, \overline{\mathrm{KL}}\big(
-                      p^\tau_T(x_u;\theta_T) \,\|\, p^\tau_S(x_u;\theta_S)\big),
+        L_S(\theta_S;\theta_T) = \frac{1}{B}\sum_i w_i\, l_i(\theta_S;\theta_T)
 
-    and the teacher minimises ``R(theta_T) = L_val(theta_S')``. With ``v = grad
-    L_val(theta_S')`` and ``d_ic = d/dt log p^tau_S(x_i; theta_S + t v)_c`` (one JVP of
-    the student at ``theta_S``),
+    is the student's pseudo-label loss. The teacher takes the MPL feedback step
+    (:func:`kdjax.recipes.mpl.mpl_step`: meta gradient of the student's validation CE
+    after one look-ahead SGD step of ``student_lr`` on ``L_S``, plus
+    ``teacher_ce_weight`` times its CE on ``labelled``), then the student takes its
+    optimiser step on ``L_S`` to the updated teacher. The influence weights thus enter
+    both the student update and, through the look-ahead, the teacher's feedback.
+    Pure and jittable. Returns ``(teacher_params, student_params, teacher_opt_state,
+    student_opt_state, info)`` as :func:`kdjax.recipes.mpl.mpl_step`.
+    """
+    x, w = batch["x"], batch["weights"].astype(jnp.float32)
 
-    .. math::
-        \nabla_{\theta_T} R = -\eta\, \Big(\frac{\partial g}{\partial\theta_T}\Big)^\top v
-        = \nabla_{\theta_T}\Big[\eta\,\tau^2\,\frac{1}{B}\sum_{i,c}
-           p^\tau_T(x_i;\theta_T)_c\; \mathrm{sg}(d_{ic})\Big],
+    def student_loss(sp, t_logits):
+        b = {**batch, "teacher_logits": t_logits}
+        return jnp.mean(w * distill_losses(student_fn(sp, x), b, **objective))
 
-    because only the cross-entropy part ``-sum_c p_T log p_S`` of the KL depends on both.
-    This is the first-order MPL approximation: the student's whole future is truncated
-    to *one* plain-SGD step (the student's real optimiser is ignored) and no student
-    Hessian is formed; for that one step the gradient is exact (MPL's REINFORCE form
-    ``h * grad CE(y_hat, T)`` with ``h = eta v^T grad_S CE(y_hat, S)`` is the hard-label,
-    sampled version of the same quantity). Reading: ``d_ic > 0`` means a student step
-    towards class ``c`` on ``x_i`` moves along ``+v``, i.e. *raises* the validation loss,
-    so the teacher step ``theta_T - alpha grad R`` lowers ``p_T(c | x_i)`` there.
+    return mpl.mpl_step(teacher_fn, student_fn, teacher_params, student_params,
+                        teacher_opt_state, student_opt_state, teacher_tx, student_tx,
+                        {"x": x}, val, student_lr=student_lr,
+                        temperature=objective["temperature"],
+                        teacher_ce_weight=teacher_ce_weight, labelled=labelled, weights=w,
+                        kd_weight=objective["kd_weight"], student_loss=student_loss)
+
+
+def make_joint_scorer(teacher_module, student_module, train_data: Mapping[str, Any],
+                      val_data: Mapping[str, Any], *, objective: Mapping[str, float],
+                      curvature: str = "ggn", curvature_examples: int = 1024,
+                      curvature_seed: int = 0, predict_batch: int = 512, **options):
+    """``scorer(teacher_vars, student_vars, weights) -> scores [N]`` for the joint loop.
+
+    The student is scored (:func:`student_scores`, eval mode) on the distillation loss
+    to the *current* teacher's logits (eval mode, predicted in batches of
+    ``predict_batch``); the curvature is that of the currently weighted objective on a
+    fixed random subset of ``curvature_examples`` rows (``curvature_seed``), so a score
+    is a deterministic function of the two networks and the weights. Jitted once.
+    """
+    check_choice(curvature, "curvature", CURVATURES)
+    train = {k: jnp.asarray(v) for k, v in train_data.items() if k != "weights"}
+    val = {k: jnp.asarray(v) for k, v in val_data.items()}
+    n = train["x"].shape[0]
+    idx = np.sort(np.random.default_rng(curvature_seed).permutation(n)[
+        :min(curvature_examples, n)])
+    obj = functools.partial(distill_losses, **objective)
+
+    @jax.jit
+    def score(teacher_vars, student_vars, train, val, weights):
+        tfn = _module_fns(teacher_module, _split_vars(teacher_vars)[1], train=False)
+        tp = teacher_vars["params"]
+        t_logits = jax.lax.map(lambda xi: tfn(tp, xi[None])[0], train["x"],
+                               batch_size=min(predict_batch, n))
+        tr = {**train, "teacher_logits": t_logits}
+        sp, rest = _split_vars(student_vars)
+        out = lambda p, b: student_module.apply({"params": p, **rest}, b["x"],  # noqa: E731
+                                                train=False)
+        cv = jax.tree_util.tree_map(lambda a: a[idx], {**tr, "weights": weights})
+        return student_scores(lambda p, b: out(p, b)[0], sp, tr, val, objective=obj,
+                              curvature=curvature, curvature_data=cv,
+                              features_fn=lambda p, b: out(p, b)[1]["pooled"],
+                              **options)[0]
+
+    return lambda tv, sv, weights: score(tv, sv, train, val, jnp.asarray(weights))
+
+
+class JointResult(NamedTuple):
+    """What :func:`fit_joint` returns.
+
+    Attributes:
+      teacher_vars, student_vars: the final networks (flax variables).
+      best: the student with the best ``select_fn`` value over the epochs (the last
+        one if no ``select_fn``), as :func:`kdjax.train.fit`'s best record: ``{"epoch",
+        "value", "params", "batch_stats"}``.
+      weights_log: ``[(epoch, weights [N])]``, the weights in force from that epoch.
+      timing: ``{"epoch_s": [...], "rescore_s": [...]}`` wall seconds (after the first
+        epoch's compile; the first entry of each includes compilation).
+      history: per epoch ``{"epoch", "val_before", "val_after", "select"}`` (the
+        student's validation CE before/after the look-ahead, mean over the epoch).
+    """
+
+    teacher_vars: Any
+    student_vars: Any
+    best: dict
+    weights_log: list
+    timing: dict
+    history: list
+
+
+def _copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
+              data: Mapping[str, Any], val: Mapping[str, Any], *, key: jax.Array,
+              epochs: int, batch_size: int, teacher_tx: optax.GradientTransformation,
+              student_tx: optax.GradientTransformation, student_lr: float,
+              objective: Mapping[str, float], teacher_ce_weight: float = 1.0,
+              labelled: Mapping[str, Any] | None = None, scorer: Callable | None = None,
+              rescore_every: int = 1, mapping: str = "exp_minmax",
+              weight_temperature: float = 1.0, select_fn: Callable | None = None
+              ) -> JointResult:
+    r"""KD-AIF's joint teacher-student loop (arXiv 2501.02705, sec. 3, semi-supervised).
+
+    ``teacher`` and ``student`` are ``(module, variables)`` pairs of kdjax modules
+    (``apply(variables, x, train) -> (logits, features)``). Every epoch walks a fresh
+    permutation of ``data`` (``fold_in(key, epoch)``, drop remainder) in batches of
+    ``batch_size``; each step is :func:`joint_step` (teacher: MPL feedback + CE on
+    ``labelled``; student: influence-weighted pseudo-label loss to the updated
+    teacher). Before epoch ``cK`` (``K = rescore_every``, ``c >= 1``) the *current*
+    student is re-scored by ``scorer(teacher_vars, student_vars, weights)``
+    (:func:`make_joint_scorer`) and the weights become ``influence_weights(scores,
+    mapping, weight_temperature)`` (replaced, not multiplied); epochs ``[0, K)`` use
+    uniform weights, and ``scorer=None`` keeps them uniform throughout (plain MPL with
+    the distillation objective). The reported student is this loop's student.
+
+    Networks: the teacher runs in eval mode (its BatchNorm statistics stay those it
+    came with; MPL updates only its parameters); the student runs in train mode, and
+    its BatchNorm running statistics are updated from the forward pass of each real
+    student step. Deterministic given ``key``; not resumable (no checkpoints).
 
     Args:
-      teacher_fn, student_fn: ``(params, x) -> logits``.
-      teacher_params, student_params: pytrees.
-      unlabelled: dict with ``x`` (the student's look-ahead batch).
-      val: labelled dict with ``x``, ``y`` (the validation loss ``mean CE``).
-      student_lr: ``eta > 0`` of the look-ahead step.
-      temperature: ``tau`` of the KD loss.
+      teacher, student: ``(module, variables)``.
+      data: training dict ``x``, ``y``, optional ``label_mask`` (``[N, ...]``).
+      val: labelled dict ``x``, ``y``: the MPL meta signal (and, through ``scorer``,
+        the influence target).
+      key: PRNG key of the batch order.
+      epochs, batch_size: loop length and batch size.
+      teacher_tx, student_tx: optax optimisers.
+      student_lr: ``eta`` of the look-ahead step.
+      objective: :func:`distill_losses` options (``ce_weight``, ``kd_weight``,
+        ``temperature``, ``ce_scale``).
+      teacher_ce_weight: weight of the teacher's supervised CE.
+      labelled: the teacher's supervised data (default ``val``).
+      scorer, rescore_every, mapping, weight_temperature: the re-scoring.
+      select_fn: optional ``student_vars -> float`` (higher is better), evaluated after
+        every epoch for model selection.
 
     Returns:
-      ``(grad_teacher, info)`` with ``info = {"val_before", "val_after",
-      "student_params_after"}``.
+      :class:`JointResult`.
     """
-    check_positive(student_lr, "student_lr")
-    check_positive(temperature, "temperature")
-    tau = temperature
-    xu = unlabelled["x"]
-
-    def kd_loss(sp, tp):
-        return losses.kd(student_fn(sp, xu), teacher_fn(tp, xu), tau)
-
-    def val_loss(sp):
-        return jnp.mean(val_losses(student_fn(sp, val["x"]), val))
-
-    g = jax.grad(kd_loss)(student_params, jax.lax.stop_gradient(teacher_params))
-    after = jax.tree_util.tree_map(lambda p, gi: p - student_lr * gi, student_params, g)
-    v = jax.grad(val_loss)(after)
-    log_ps = lambda sp: jax.nn.log_softmax(student_fn(sp, xu).astype(jnp.float32) / tau)  # noqa: E731
-    d = jax.lax.stop_gradient(jax.jvp(log_ps, (student_params,), (v,))[1])  # [B, C]
-
-    def meta(tp):
-        pt = jax.nn.softmax(teacher_fn(tp, xu).astype(jnp.float32) / tau)
-        return student_lr * tau ** 2 * jnp.mean(jnp.sum(pt * d, axis=-1))
-
-    grad = jax.grad(meta)(teacher_params)
-    return grad, {"val_before": val_loss(student_params), "val_after": val_loss(after),
-                  "student_params_after": after}
-
-
-def mpl_step(teacher_fn: Callable, student_fn: Callable, teacher_params, student_params,
-             teacher_opt_state, student_opt_state, teacher_tx: optax.GradientTransformation,
-             student_tx: optax.GradientTransformation, unlabelled, val, *,
-             student_lr: float, temperature: float = 1.0, teacher_ce_weight: float = 1.0,
-             labelled: Mapping[str, Any] | None = None):
-    """One joint MPL step: teacher update (meta gradient + supervised CE) then student.
-
-    The teacher's gradient is :func:`mpl_teacher_grad` (the student's loss on ``val``
-    after a look-ahead step) plus ``teacher_ce_weight`` times the gradient of the
-    teacher's own CE on the labelled batch ``labelled`` (default ``val``; MPL keeps the
-    teacher's supervised loss); the student then takes its optimiser step on the KD loss
-    to the *updated* teacher's soft pseudo-labels of ``unlabelled`` (MPL's order). Pure
-    and jittable; returns ``(teacher_params, student_params, teacher_opt_state,
-    student_opt_state, info)``.
-    """
-    g_meta, info = mpl_teacher_grad(teacher_fn, student_fn, teacher_params, student_params,
-                                    unlabelled, val, student_lr=student_lr,
-                                    temperature=temperature)
-    sup = val if labelled is None else labelled
-    g_ce = jax.grad(lambda tp: jnp.mean(val_losses(teacher_fn(tp, sup["x"]), sup)))(
-        teacher_params)
-    g_t = jax.tree_util.tree_map(lambda a, b: a + teacher_ce_weight * b, g_meta, g_ce)
-    upd, teacher_opt_state = teacher_tx.update(g_t, teacher_opt_state, teacher_params)
-    teacher_params = optax.apply_updates(teacher_params, upd)
-    t = jax.lax.stop_gradient(teacher_fn(teacher_params, unlabelled["x"]))
-    g_s = jax.grad(lambda sp: losses.kd(student_fn(sp, unlabelled["x"]), t, temperature))(
-        student_params)
-    upd, student_opt_state = student_tx.update(g_s, student_opt_state, student_params)
-    student_params = optax.apply_updates(student_params, upd)
-    return teacher_params, student_params, teacher_opt_state, student_opt_state, info
-
-
-def fit_mpl(teacher_fn: Callable, student_fn: Callable, teacher_params, student_params,
-            unlabelled_x, val: Mapping[str, Any], *, key: jax.Array, steps: int,
-            batch_size: int, teacher_tx: optax.GradientTransformation,
-            student_tx: optax.GradientTransformation, student_lr: float,
-            temperature: float = 1.0, teacher_ce_weight: float = 1.0,
-            labelled: Mapping[str, Any] | None = None):
-    r"""``steps`` joint MPL steps (:func:`mpl_step`): the teacher learns from the student.
-
-    Step ``k`` draws an unlabelled batch of ``batch_size`` rows of ``unlabelled_x``
-    (without replacement within the batch) with ``jax.random.fold_in(key, k)``; the
-    meta signal is the student's mean CE on the whole ``val`` dict after its look-ahead
-    step (:func:`mpl_teacher_grad`, first-order MPL), the teacher's supervised CE is on
-    the whole ``labelled`` dict (default ``val``). One jitted step, a Python loop over
-    steps (the conv-friendly mode on XLA:CPU); deterministic given ``key``.
-
-    Returns ``(teacher_params, student_params, log)`` with ``log`` a dict of ``[steps]``
-    arrays: ``val_before`` / ``val_after`` (the student's validation loss before and
-    after the look-ahead step on the *pre-update* teacher).
-    """
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
+    for name, v in (("epochs", epochs), ("batch_size", batch_size),
+                    ("rescore_every", rescore_every)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
     check_positive(student_lr, "student_lr")
-    unlabelled_x = jnp.asarray(unlabelled_x)
-    n = unlabelled_x.shape[0]
+    check_choice(mapping, "mapping", WEIGHT_MAPPINGS)
+    missing = sorted({"ce_weight", "kd_weight", "temperature"} - set(objective))
+    if missing:
+        raise ValueError(f"objective must have keys ce_weight, kd_weight, temperature "
+                         f"(and optionally ce_scale), missing {missing}.")
+    data = {k: jnp.asarray(v) for k, v in data.items() if k != "weights"}
+    n = data["x"].shape[0]
     if batch_size > n:
-        raise ValueError(f"batch_size must be <= the number of unlabelled examples ({n}), "
+        raise ValueError(f"batch_size must be <= the number of training examples ({n}), "
                          f"got {batch_size}.")
     val = {k: jnp.asarray(v) for k, v in val.items()}
     labelled = None if labelled is None else {k: jnp.asarray(v) for k, v in labelled.items()}
+    (t_mod, t_vars), (s_mod, s_vars) = teacher, student
+    tp, t_rest = _split_vars(t_vars)
+    sp, s_rest = _split_vars(s_vars)
+    tfn = _module_fns(t_mod, t_rest, train=False)
+    objective = dict(objective)
 
     @jax.jit
-    def step(k, tp, sp, ts, ss, xs, val, labelled):
-        idx = jax.random.choice(jax.random.fold_in(key, k), n, (batch_size,), replace=False)
-        tp, sp, ts, ss, info = mpl_step(
-            teacher_fn, student_fn, tp, sp, ts, ss, teacher_tx, student_tx,
-            {"x": xs[idx]}, val, student_lr=student_lr, temperature=temperature,
-            teacher_ce_weight=teacher_ce_weight, labelled=labelled)
-        return tp, sp, ts, ss, info["val_before"], info["val_after"]
+    def step(tp, sp, s_rest, ts, ss, rows, data, weights, val, labelled):
+        batch = {**jax.tree_util.tree_map(lambda a: a[rows], data), "weights": weights[rows]}
+        sfn = _module_fns(s_mod, s_rest, train=True)
+        new_rest = s_rest
+        if s_rest:  # running statistics from the forward pass at the pre-update params
+            new_rest = dict(s_mod.apply({"params": sp, **s_rest}, batch["x"], train=True,
+                                        mutable=list(s_rest))[1])
+        tp, sp, ts, ss, info = joint_step(
+            tfn, sfn, tp, sp, ts, ss, teacher_tx, student_tx, batch, val, labelled,
+            objective=objective, student_lr=student_lr,
+            teacher_ce_weight=teacher_ce_weight)
+        return tp, sp, new_rest, ts, ss, info["val_before"], info["val_after"]
 
-    tp, sp = teacher_params, student_params
     ts, ss = teacher_tx.init(tp), student_tx.init(sp)
-    before, after = [], []
-    for k in range(int(steps)):
-        tp, sp, ts, ss, vb, va = step(k, tp, sp, ts, ss, unlabelled_x, val, labelled)
-        before.append(vb)
-        after.append(va)
-    return tp, sp, {"val_before": np.asarray(jnp.stack(before)),
-                    "val_after": np.asarray(jnp.stack(after))}
+    steps = n // batch_size
+    weights = jnp.ones((n,), jnp.float32)
+    log, history = [(0, None)], []
+    timing = {"epoch_s": [], "rescore_s": []}
+    best = None
+    for epoch in range(int(epochs)):
+        if scorer is not None and epoch > 0 and epoch % rescore_every == 0:
+            t0 = time.perf_counter()
+            scores = scorer({"params": tp, **t_rest}, {"params": sp, **s_rest}, weights)
+            weights = jax.block_until_ready(
+                influence_weights(scores, mapping, weight_temperature))
+            timing["rescore_s"].append(time.perf_counter() - t0)
+            log.append((epoch, np.asarray(weights)))
+        t0 = time.perf_counter()
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+        plan = np.asarray(perm[:steps * batch_size]).reshape(steps, batch_size)
+        before, after = [], []
+        for rows in plan:
+            tp, sp, s_rest, ts, ss, vb, va = step(tp, sp, s_rest, ts, ss, rows, data,
+                                                  weights, val, labelled)
+            before.append(vb)
+            after.append(va)
+        jax.block_until_ready(sp)
+        timing["epoch_s"].append(time.perf_counter() - t0)
+        s_now = {"params": sp, **s_rest}
+        value = None if select_fn is None else float(select_fn(s_now))
+        history.append({"epoch": epoch + 1, "val_before": float(jnp.mean(jnp.stack(before))),
+                        "val_after": float(jnp.mean(jnp.stack(after))), "select": value})
+        if best is None or select_fn is None or value > best["value"]:
+            best = {"epoch": epoch + 1, "value": value, "params": _copy(sp),
+                    "batch_stats": _copy(s_rest.get("batch_stats", {}))}
+    return JointResult({"params": tp, **t_rest}, {"params": sp, **s_rest}, best, log,
+                       timing, history)
+
+
+PROCEDURES = ("uniform", "oneshot_exp", "oneshot_sigmoid", "periodic_exp",
+              "periodic_sigmoid")
+
+
+def frozen_teacher_run(name: str, distiller: Distiller, init: Callable[[], TrainState],
+                       data, scorer, *, epochs: int, rescore_every: int,
+                       temperature: float = 1.0, checkpoint_dir: str, **fit_kwargs):
+    """One frozen-teacher procedure by name: ``(best record, weights [N] or None)``.
+
+    ``name`` is one of :data:`PROCEDURES`: ``uniform`` (:func:`kdjax.train.fit`, w = 1),
+    ``oneshot_<m>`` (:func:`one_shot` from the uniform run's final state) or
+    ``periodic_<m>`` (:func:`fit_periodic`), ``m`` = ``exp`` (``exp_minmax``) or
+    ``sigmoid``. ``init()`` returns a fresh initial state (``fit`` donates its state);
+    the uniform run checkpoints to ``checkpoint_dir/uniform`` (a one-shot run reloads
+    it), the others to ``checkpoint_dir/<name>``. ``weights`` are the last ones used
+    (None for uniform).
+    """
+    check_choice(name, "name", PROCEDURES)
+    kind, _, m = name.partition("_")
+    mapping = {"exp": "exp_minmax", "sigmoid": "sigmoid"}.get(m)
+    own = os.path.join(checkpoint_dir, name)
+    if kind == "periodic":
+        _, best, _, log = fit_periodic(distiller, init(), None, data, scorer, epochs=epochs,
+                                       rescore_every=rescore_every, mapping=mapping,
+                                       temperature=temperature, checkpoint_dir=own,
+                                       **fit_kwargs)
+        return best, log[-1][1]
+    uni = fit(distiller, init(), None, with_weights(data, None), epochs=epochs,
+              checkpointer=Checkpointer(os.path.join(checkpoint_dir, "uniform")),
+              **fit_kwargs)
+    if kind == "uniform":
+        return uni.best[0], None
+    _, best, _, w, _ = one_shot(distiller, init(), None, data, scorer, mapping=mapping,
+                                temperature=temperature, uniform_state=uni.state,
+                                checkpoint_dir=own, epochs=epochs, **fit_kwargs)
+    return best, w

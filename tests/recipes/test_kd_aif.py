@@ -244,125 +244,177 @@ def test_semi_supervised_shape_errors():
                                     data["teacher_logits"])
 
 
-def test_noise_helpers():
-    y = np.arange(100) % 10
-    noisy, mask = kd_aif.flip_labels(y, 0.3, 10, seed=0)
-    assert mask.sum() == 30
-    assert (noisy[mask] != y[mask]).all() and (noisy[~mask] == y[~mask]).all()
-    logits = np.eye(10, dtype=np.float32)[y] * 5
-    bad, m2 = kd_aif.corrupt_teacher_logits(logits, 0.3, seed=1)
-    assert m2.sum() == 30
-    assert (bad[m2].argmax(-1) != y[m2]).all() and (bad[~m2] == logits[~m2]).all()
-    np.testing.assert_allclose(np.sort(bad, -1), np.sort(logits, -1))  # a permutation
+# ------------------------------------------------------------------ joint loop
+def _softmax(z):
+    return np.exp(log_softmax_np(z))
 
 
-# --------------------------------------------------------------------------- MPL
-def test_mpl_teacher_gradient_matches_finite_differences_and_lowers_val_loss():
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        xu = jnp.asarray(rng.normal(size=(20, D)))
-        xv = jnp.asarray(rng.normal(size=(12, D)))
-        yv = jnp.asarray((np.asarray(xv)[:, 0] > 0).astype(np.int32))
-        lin = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731 convex (linear softmax) models
-        tp = {"w": jnp.asarray(rng.normal(size=(D, C))), "b": jnp.zeros(C)}
-        sp = {"w": jnp.asarray(0.1 * rng.normal(size=(D, C))), "b": jnp.zeros(C)}
-        eta, tau = 0.5, 2.0
-        unl, val = {"x": xu}, {"x": xv, "y": yv}
-        grad, info = kd_aif.mpl_teacher_grad(lin, lin, tp, sp, unl, val, student_lr=eta,
-                                             temperature=tau)
+def test_joint_step_matches_hand_computed_update():
+    """One KD-AIF joint step on linear teacher/student (logits x W), SGD for both,
+    against the explicit formulas in float64 numpy:
 
-        def kd64(zs, zt):   # float64 KD (kdjax.losses.kd computes in float32)
-            pt = jax.nn.softmax(zt / tau)
-            return tau ** 2 * jnp.mean(jnp.sum(pt * (jax.nn.log_softmax(zt / tau)
-                                                     - jax.nn.log_softmax(zs / tau)), -1))
-
-        def val_after(tparams):   # L_val(theta_S - eta grad_S KD(T(theta_T), S))
-            g = jax.grad(lambda s: kd64(lin(s, xu), lin(tparams, xu)))(sp)
-            s2 = jax.tree_util.tree_map(lambda a, b: a - eta * b, sp, g)
-            z = jax.nn.log_softmax(lin(s2, xv))          # float64 CE (val_losses is f32)
-            return -jnp.mean(z[jnp.arange(len(yv)), yv])
-
-        np.testing.assert_allclose(float(info["val_after"]), float(val_after(tp)), rtol=1e-6)
-        flat, unravel = ravel_pytree(tp)
-        g_flat = ravel_pytree(grad)[0]
-        for k in range(3):
-            u = jnp.asarray(rng.normal(size=flat.shape))
-            eps = 1e-4
-            fd = (val_after(unravel(flat + eps * u)) - val_after(unravel(flat - eps * u))) / (
-                2 * eps)
-            np.testing.assert_allclose(float(g_flat @ u), float(fd), rtol=1e-4, atol=1e-8)
-        # a small teacher step against the gradient lowers the student's validation loss
-        stepped = unravel(flat - 0.1 * g_flat / jnp.linalg.norm(g_flat))
-        assert float(val_after(stepped)) < float(val_after(tp))
-
-
-def test_mpl_step_updates_both_and_is_jittable():
+    student loss L_S = (1/B) sum_i w_i [beta tau^2 KL(p_T,i || p_S,i) + alpha c m_i CE_i]
+      dL_S/dz_i = (w_i / B) [beta tau (p^tau_S,i - p^tau_T,i) + alpha c m_i (p_S,i - e_y)]
+    look-ahead Ws' = Ws - eta x^T dL_S/dz;  v = xv^T (softmax(xv Ws') - e_yv) / M
+    d_i = u_i - <p^tau_S,i, u_i>, u_i = x_i v / tau
+    meta grad Wt = x^T [eta beta tau^2 (w_i / B) (1/tau) p_T,i * (d_i - <p_T,i, d_i>)]
+    teacher CE grad = xl^T (softmax(xl Wt) - e_yl) / L
+    Wt' = Wt - lr_t (meta + gamma CE);  Ws_new = Ws - lr_s grad L_S(Ws; Wt')."""
     rng = np.random.default_rng(0)
-    lin = lambda p, x: x @ p["w"]  # noqa: E731
-    tp = {"w": jnp.asarray(rng.normal(size=(D, C)), jnp.float32)}
-    sp = {"w": jnp.zeros((D, C), jnp.float32)}
-    tx = optax.sgd(0.1)
-    unl = {"x": jnp.asarray(rng.normal(size=(8, D)), jnp.float32)}
-    val = {"x": unl["x"][:4], "y": jnp.array([0, 1, 2, 0])}
-    step = jax.jit(functools.partial(kd_aif.mpl_step, lin, lin, teacher_tx=tx,
-                                     student_tx=tx, student_lr=0.1))
-    t2, s2, _, _, info = step(tp, sp, tx.init(tp), tx.init(sp), unlabelled=unl, val=val)
-    assert not np.allclose(t2["w"], tp["w"]) and not np.allclose(s2["w"], sp["w"])
-    with pytest.raises(ValueError, match="student_lr"):
-        kd_aif.mpl_teacher_grad(lin, lin, tp, sp, unl, val, student_lr=0.0)
+    B, M, L = 8, 6, 4
+    alpha, beta, tau, c, eta, gamma, lr_t, lr_s = 0.3, 0.7, 2.0, 2.0, 0.5, 0.8, 0.2, 0.3
+    x = rng.normal(size=(B, D))
+    y = rng.integers(0, C, B)
+    m = (np.arange(B) % 2).astype(float)
+    w = rng.uniform(0.3, 2.0, B)
+    xv, yv = rng.normal(size=(M, D)), rng.integers(0, C, M)
+    xl, yl = rng.normal(size=(L, D)), rng.integers(0, C, L)
+    wt, ws = rng.normal(size=(D, C)), 0.3 * rng.normal(size=(D, C))
+    eye = np.eye(C)
+
+    def grad_student(ws, wt):
+        pt, ps_tau, ps = _softmax(x @ wt / tau), _softmax(x @ ws / tau), _softmax(x @ ws)
+        dz = (w / B)[:, None] * (beta * tau * (ps_tau - pt)
+                                 + alpha * c * m[:, None] * (ps - eye[y]))
+        return x.T @ dz
+
+    def val_ce(ws):
+        return -np.mean(log_softmax_np(xv @ ws)[np.arange(M), yv])
+
+    ws_after = ws - eta * grad_student(ws, wt)
+    v = xv.T @ (_softmax(xv @ ws_after) - eye[yv]) / M
+    u = x @ v / tau
+    ps_tau = _softmax(x @ ws / tau)
+    d = u - (ps_tau * u).sum(-1, keepdims=True)
+    pt = _softmax(x @ wt / tau)
+    g_meta = x.T @ ((eta * beta * tau ** 2 * w / B)[:, None] / tau
+                    * pt * (d - (pt * d).sum(-1, keepdims=True)))
+    g_ce = xl.T @ (_softmax(xl @ wt) - eye[yl]) / L
+    wt_new = wt - lr_t * (g_meta + gamma * g_ce)
+    ws_new = ws - lr_s * grad_student(ws, wt_new)
+
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    lin = lambda p, x: x @ p  # noqa: E731
+    t_tx, s_tx = optax.sgd(lr_t), optax.sgd(lr_s)
+    batch = {"x": f32(x), "y": jnp.asarray(y), "label_mask": f32(m), "weights": f32(w)}
+    step = jax.jit(lambda tp, sp: kd_aif.joint_step(
+        lin, lin, tp, sp, t_tx.init(tp), s_tx.init(sp), t_tx, s_tx, batch,
+        {"x": f32(xv), "y": jnp.asarray(yv)}, {"x": f32(xl), "y": jnp.asarray(yl)},
+        objective={"ce_weight": alpha, "kd_weight": beta, "temperature": tau,
+                   "ce_scale": c}, student_lr=eta, teacher_ce_weight=gamma))
+    tp2, sp2, _, _, info = step(f32(wt), f32(ws))
+    np.testing.assert_allclose(np.asarray(tp2) - wt, wt_new - wt, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sp2) - ws, ws_new - ws, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(info["val_before"]), val_ce(ws), rtol=1e-5)
+    np.testing.assert_allclose(float(info["val_after"]), val_ce(ws_after), rtol=1e-5)
+    # The weights matter for both networks (the check can fail).
+    tp_u, sp_u, *_ = jax.jit(lambda tp, sp: kd_aif.joint_step(
+        lin, lin, tp, sp, t_tx.init(tp), s_tx.init(sp), t_tx, s_tx,
+        {**batch, "weights": jnp.ones(B)}, {"x": f32(xv), "y": jnp.asarray(yv)},
+        {"x": f32(xl), "y": jnp.asarray(yl)},
+        objective={"ce_weight": alpha, "kd_weight": beta, "temperature": tau,
+                   "ce_scale": c}, student_lr=eta, teacher_ce_weight=gamma))(f32(wt), f32(ws))
+    assert not np.allclose(tp_u, tp2, atol=1e-6) and not np.allclose(sp_u, sp2, atol=1e-6)
 
 
-def test_fit_mpl_teacher_step_lowers_lookahead_val_loss_and_is_deterministic():
-    """One MPL step (teacher CE off, SGD) moves the teacher against the meta gradient, so
-    the student's validation loss after its look-ahead step on the new teacher's
-    pseudo-labels is lower than on the old teacher's (same student, same batch)."""
-    rng = np.random.default_rng(1)
-    lin = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
-    n = 16
-    xu = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
-    xv = jnp.asarray(rng.normal(size=(12, D)), jnp.float32)
-    val = {"x": xv, "y": jnp.asarray((np.asarray(xv)[:, 0] > 0).astype(np.int32))}
-    tp = {"w": jnp.asarray(rng.normal(size=(D, C)), jnp.float32), "b": jnp.zeros(C)}
-    sp = {"w": jnp.asarray(0.1 * rng.normal(size=(D, C)), jnp.float32), "b": jnp.zeros(C)}
-    kw = dict(key=jax.random.PRNGKey(3), batch_size=n, teacher_tx=optax.sgd(0.5),
-              student_tx=optax.sgd(0.5), student_lr=0.5, temperature=2.0,
-              teacher_ce_weight=0.0)
-    t1, s1, log = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, **kw)
+OBJ = {"ce_weight": CE_W, "kd_weight": KD_W, "temperature": TAU}
 
-    def lookahead(t):   # batch_size = n: the step's batch is a permutation of xu
-        return float(kd_aif.mpl_teacher_grad(lin, lin, t, sp, {"x": xu}, val, student_lr=0.5,
-                                             temperature=2.0)[1]["val_after"])
 
-    assert not np.allclose(t1["w"], tp["w"])
-    np.testing.assert_allclose(log["val_after"][0], lookahead(tp), rtol=1e-5)
-    assert lookahead(t1) < lookahead(tp) - 1e-4
-    # deterministic given the key; several steps with a smaller batch run and differ
-    a = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=3, **{**kw, "batch_size": 8})
-    b = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=3, **{**kw, "batch_size": 8})
-    np.testing.assert_array_equal(a[0]["w"], b[0]["w"])
-    assert a[2]["val_before"].shape == (3,)
-    # the teacher's supervised CE is on `labelled` (default: val)
-    kw_ce = {**kw, "teacher_ce_weight": 1.0}
-    c1 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, **kw_ce)[0]
-    c2 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1, labelled=val, **kw_ce)[0]
-    c3 = kd_aif.fit_mpl(lin, lin, tp, sp, xu, val, steps=1,
-                        labelled={"x": xu[:4], "y": jnp.array([0, 1, 2, 0])}, **kw_ce)[0]
-    np.testing.assert_allclose(c1["w"], c2["w"], rtol=1e-6)
-    assert not np.allclose(c1["w"], c3["w"])
+def _joint_setup(n=48):
+    data = make_data(n)
+    val = {k: v for k, v in make_data(16, seed=5).items() if k in ("x", "y")}
+    teacher = models.create("mlp", C, hidden=(8,))
+    student = models.create("cnn1d", C, channels=(4,))   # BatchNorm: running statistics
+    x = data["x"]
+    tv = teacher.init(jax.random.PRNGKey(1), x[:2])
+    sv = student.init(jax.random.PRNGKey(2), x[:2])
+    return data, val, (teacher, tv), (student, sv)
+
+
+def _fit_joint(scorer=None, epochs=3, **kw):
+    data, val, teacher, student = _joint_setup()
+    return kd_aif.fit_joint(teacher, student, {"x": data["x"], "y": data["y"]}, val,
+                            key=jax.random.PRNGKey(7), epochs=epochs, batch_size=16,
+                            teacher_tx=optax.sgd(0.05), student_tx=optax.adam(1e-2),
+                            student_lr=0.1, objective=OBJ, scorer=scorer, **kw)
+
+
+def test_fit_joint_epoch_equals_joint_steps_over_the_plan():
+    """With uniform weights, one epoch of fit_joint is joint_step applied over the
+    epoch's permutation (the loop adds nothing but the plan and the BN statistics)."""
+    res = _fit_joint(epochs=1)
+    data, val, (tm, tv), (sm, sv) = _joint_setup()
+    tfn = lambda p, x: tm.apply({"params": p}, x, train=False)[0]  # noqa: E731
+    rest = {"batch_stats": sv["batch_stats"]}
+    tp, sp = tv["params"], sv["params"]
+    t_tx, s_tx = optax.sgd(0.05), optax.adam(1e-2)
+    ts, ss = t_tx.init(tp), s_tx.init(sp)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(7), 0), 48))
+    for rows in perm.reshape(3, 16):
+        def sfn(p, x, rest=rest):
+            return sm.apply({"params": p, **rest}, x, train=True, mutable=["batch_stats"])[0][0]
+        batch = {"x": jnp.asarray(data["x"][rows]), "y": jnp.asarray(data["y"][rows]),
+                 "weights": jnp.ones(16)}
+        new_rest = sm.apply({"params": sp, **rest}, batch["x"], train=True,
+                            mutable=["batch_stats"])[1]
+        tp, sp, ts, ss, _ = kd_aif.joint_step(tfn, sfn, tp, sp, ts, ss, t_tx, s_tx, batch,
+                                              val, None, objective=OBJ, student_lr=0.1)
+        rest = dict(new_rest)
+    for a, b in zip(jax.tree_util.tree_leaves((tp, sp, rest)),
+                    jax.tree_util.tree_leaves((res.teacher_vars["params"],
+                                               res.student_vars["params"],
+                                               {"batch_stats": res.student_vars["batch_stats"]}))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(jax.tree_util.tree_leaves(rest)[0]),
+                           np.asarray(jax.tree_util.tree_leaves(sv["batch_stats"])[0]))
+
+
+def test_fit_joint_rescores_the_current_student_and_is_deterministic():
+    data, val, (tm, _), (sm, _) = _joint_setup()
+    real = kd_aif.make_joint_scorer(tm, sm, {"x": data["x"], "y": data["y"]}, val,
+                                    objective=OBJ, curvature_examples=32, maxiter=20)
+    calls = []
+
+    def recording(tv, sv, weights):
+        calls.append((jax.tree_util.tree_map(np.asarray, sv), np.asarray(weights)))
+        return real(tv, sv, weights)
+
+    res = _fit_joint(scorer=recording, epochs=5, rescore_every=2,
+                     select_fn=lambda sv: 0.0)
+    assert [e for e, _ in res.weights_log] == [0, 2, 4] and res.weights_log[0][1] is None
+    assert len(calls) == 2 and np.all(calls[0][1] == 1.0)        # uniform, then re-scored
+    np.testing.assert_allclose(calls[1][1], res.weights_log[1][1], rtol=1e-6)
+    for _, w in res.weights_log[1:]:
+        np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-5)
+        assert w.std() > 0
+    assert len(res.timing["rescore_s"]) == 2 and len(res.timing["epoch_s"]) == 5
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4, 5]
+    # the scored student is the loop's student at that epoch (not a fresh one)
+    assert not np.allclose(ravel_pytree(calls[0][0]["params"])[0],
+                           ravel_pytree(calls[1][0]["params"])[0])
+    again = _fit_joint(scorer=real, epochs=5, rescore_every=2)
+    for a, b in zip(jax.tree_util.tree_leaves(res.student_vars),
+                    jax.tree_util.tree_leaves(again.student_vars)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # weighted run differs from the uniform (plain MPL) one
+    uni = _fit_joint(epochs=5)
+    assert not np.allclose(ravel_pytree(uni.student_vars["params"])[0],
+                           ravel_pytree(res.student_vars["params"])[0])
 
 
 @pytest.mark.parametrize("override,match", [
-    ({"steps": 0}, r"steps must be an integer >= 1, got 0"),
-    ({"batch_size": 17}, r"batch_size must be <= the number of unlabelled examples \(16\), "
-                         r"got 17"),
+    ({"epochs": 0}, r"epochs must be an integer >= 1, got 0"),
+    ({"batch_size": 49}, r"batch_size must be <= the number of training examples \(48\), "
+                         r"got 49"),
     ({"student_lr": 0.0}, r"student_lr"),
+    ({"mapping": "softmax"}, r"mapping must be one of"),
+    ({"objective": {"ce_weight": 0.1}}, r"objective must have keys .* missing "
+                                        r"\['kd_weight', 'temperature'\]"),
 ])
-def test_fit_mpl_bad_arguments(override, match):
-    lin = lambda p, x: x @ p  # noqa: E731
-    x = jnp.ones((16, D))
-    val = {"x": x[:2], "y": jnp.array([0, 1])}
-    kw = dict(key=jax.random.PRNGKey(0), steps=1, batch_size=4, teacher_tx=optax.sgd(0.1),
-              student_tx=optax.sgd(0.1), student_lr=0.1)
+def test_fit_joint_bad_arguments(override, match):
+    data, val, teacher, student = _joint_setup()
+    kw = dict(key=jax.random.PRNGKey(0), epochs=1, batch_size=16,
+              teacher_tx=optax.sgd(0.1), student_tx=optax.sgd(0.1), student_lr=0.1,
+              objective=OBJ)
     with pytest.raises(ValueError, match=match):
-        kd_aif.fit_mpl(lin, lin, jnp.zeros((D, C)), jnp.zeros((D, C)), x, val,
-                       **{**kw, **override})
+        kd_aif.fit_joint(teacher, student, data, val, **{**kw, **override})
