@@ -26,6 +26,7 @@ from experiments.common import evaluate_student, labelled_subset, load_splits
 from kdjax import experiment as kx
 from kdjax import methods, models
 from kdjax.data.corruption import corrupt_teacher_logits, flip_labels
+from kdjax.evaluation import auroc
 from kdjax.recipes import kd_aif
 from kdjax.train import Distiller, EvalSet, Evaluation, make_optimizer, predict
 from kdjax.train.engine import evaluate
@@ -33,13 +34,6 @@ from kdjax.train.teacher import get_teacher, teacher_apply
 
 METRICS = tuple(kx.Metric(m) for m in ("test_accuracy", "test_agreement", "auroc",
                                        "val_accuracy"))
-
-
-def auroc(weights, bad) -> float:
-    """P(weight of a good point > weight of a bad point), ties 1/2; NaN if constant."""
-    from sklearn.metrics import roc_auc_score
-    w = np.asarray(weights)
-    return float(roc_auc_score(~bad, w)) if np.ptp(w) > 0 and 0 < bad.mean() < 1 else np.nan
 
 
 def teachers(cfg, train, val):
@@ -151,7 +145,8 @@ def main(argv=None):
             w = np.ones(len(S["bad"])) if w is None else np.asarray(w)
             rows.append({"test_accuracy": m["accuracy"], "test_agreement": m["agreement"],
                          "val_accuracy": best["value"],
-                         "best_epoch": best["epoch"], "auroc": auroc(w, S["bad"]),
+                         "best_epoch": best["epoch"], "auroc": auroc(w, ~S["bad"], if_undefined=np.nan)
+                         if np.ptp(w) > 0 else np.nan,
                          "bad_fraction": float(S["bad"].mean()),
                          "teacher_test_accuracy": S["teacher_test"],
                          "labelled_examples": int(ts["semi"][2].sum()) if s == "semi"
