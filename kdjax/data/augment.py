@@ -10,6 +10,8 @@ per example from ``key`` only, so the same key gives the same output.
 * :func:`random_shift` (zero-padded translation) for 1-D signals, :func:`gaussian_noise`.
 * :func:`mixup` (Zhang et al. 2018) and :func:`cutmix` (Yun et al. 2019): return the
   mixed inputs and ``(y_a, y_b, lam)``; the loss is ``lam * l(y_a) + (1 - lam) * l(y_b)``.
+* :func:`domain_mix`: mixup whose partners come from other source domains
+  (``batch["domain"]``).
 * :func:`rand_augment`: a RandAugment-lite policy (Cubuk et al. 2020): ``num_ops``
   operations, each chosen uniformly per example among a few shape-agnostic ops, with one
   global ``magnitude``.
@@ -36,6 +38,7 @@ __all__ = [
     "gaussian_noise",
     "mixup",
     "cutmix",
+    "domain_mix",
     "rand_augment",
     "get_augmentation",
     "AUGMENTATIONS",
@@ -187,6 +190,39 @@ def _cutmix(key, x, y, alpha):
     return x_mix, (y, y[perm], lam_adj.astype(x.dtype))
 
 
+def domain_mix(key: jax.Array, x: jax.Array, y: jax.Array, domain: jax.Array,
+               alpha: float = 0.2):
+    """DomainMix: mixup across source domains (mixup with the partner of each example
+    drawn from *another* domain of the batch; Wang et al. 2020, "Heterogeneous Domain
+    Generalization via Domain Mixup"; ShiftKD's DomainMix data manipulation).
+
+    ``lam ~ Beta(alpha, alpha)`` (one per batch); the partner ``pi(i)`` is uniform over
+    the batch rows ``j`` with ``domain[j] != domain[i]`` (when every row shares ``i``'s
+    domain: uniform over the batch); ``x_mix = lam x + (1 - lam) x[pi]``.
+
+    Returns:
+      ``(x_mix, (y, y[pi], lam))`` as :func:`mixup`.
+    """
+    _check_key(key)
+    check_float_array(x, "x", min_ndim=2)
+    if y.shape[:1] != x.shape[:1] or domain.shape != x.shape[:1]:
+        raise ValueError(f"y and domain must have shape ({x.shape[0]},), got "
+                         f"{y.shape} and {domain.shape}.")
+    check_positive(alpha, "alpha")
+    return _domain_mix(key, x, y, domain, jnp.asarray(alpha, jnp.float32))
+
+
+@jax.jit
+def _domain_mix(key, x, y, domain, alpha):
+    k_lam, k_pick = jax.random.split(key)
+    lam = jax.random.beta(k_lam, alpha, alpha).astype(x.dtype)
+    u = jax.random.uniform(k_pick, (x.shape[0], x.shape[0]))
+    other = domain[:, None] != domain[None, :]
+    has = other.any(1, keepdims=True)
+    perm = jnp.argmax(jnp.where(other | ~has, u, -1.0), axis=1)
+    return lam * x + (1 - lam) * x[perm], (y, y[perm], lam)
+
+
 # ------------------------------------------------------------------ RandAugment-lite
 
 
@@ -305,6 +341,17 @@ def _mixing(fn, **kwargs):
     return apply
 
 
+def _domain_mixing(**kwargs):
+    def apply(key, batch):
+        if "domain" not in batch:
+            raise ValueError("augmentation 'domainmix' needs batch['domain'] (the source "
+                             f"domain of each row); batch keys: {sorted(batch)}.")
+        x, (y_a, y_b, lam) = domain_mix(key, batch["x"], batch["y"], batch["domain"],
+                                        **kwargs)
+        return {**batch, "x": x, "y": y_a, "y_b": y_b, "lam": lam}
+    return apply
+
+
 AUGMENTATIONS = {
     "none": lambda: (lambda key, batch: batch),
     "flip": lambda **kw: _x_only(random_flip, **kw),
@@ -316,6 +363,7 @@ AUGMENTATIONS = {
     "randaugment": lambda **kw: _x_only(rand_augment, **kw),
     "mixup": lambda **kw: _mixing(mixup, **kw),
     "cutmix": lambda **kw: _mixing(cutmix, **kw),
+    "domainmix": lambda **kw: _domain_mixing(**kw),
 }
 
 
@@ -328,7 +376,7 @@ _OPTIONS = {
     "crop_flip": ("padding",), "shift": _options(random_shift),
     "gaussian_noise": _options(gaussian_noise), "shift_noise": ("max_shift", "std"),
     "randaugment": _options(rand_augment), "mixup": _options(mixup),
-    "cutmix": _options(cutmix),
+    "cutmix": _options(cutmix), "domainmix": ("alpha",),
 }
 
 
@@ -343,8 +391,8 @@ def get_augmentation(name: str, **kwargs) -> Callable[[jax.Array, dict], dict]:
     ``padding=4``, ``std=0.1``, ``alpha=0.2``, ``num_ops=2, magnitude=0.5``).
 
     Names: ``none``, ``flip``, ``crop``, ``crop_flip`` (images); ``shift``,
-    ``shift_noise`` (1-D signals); ``gaussian_noise``, ``randaugment``, ``mixup``
-    (any); ``cutmix`` (images).
+    ``shift_noise`` (1-D signals); ``gaussian_noise``, ``randaugment``, ``mixup``,
+    ``domainmix`` (any; needs ``batch["domain"]``); ``cutmix`` (images).
     """
     check_choice(name, "name", AUGMENTATIONS)
     valid = set(_OPTIONS[name])

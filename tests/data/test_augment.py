@@ -128,3 +128,30 @@ def test_errors():
         augment.mixup(KEY, IMAGES, LABELS, alpha=0.0)
     with pytest.raises(ValueError, match="magnitude must be in"):
         augment.rand_augment(KEY, IMAGES, magnitude=2.0)
+
+
+def test_domain_mix_partners_come_from_other_domains():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kdjax.data.augment import domain_mix, get_augmentation
+
+    x = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
+    y = jnp.arange(6)
+    dom = jnp.array([0, 0, 1, 1, 2, 2])
+    for seed in range(5):
+        xm, (ya, yb, lam) = domain_mix(jax.random.PRNGKey(seed), x, y, dom, alpha=0.4)
+        yb = np.asarray(yb)
+        assert (np.asarray(dom)[yb] != np.asarray(dom)).all()  # partner: another domain
+        np.testing.assert_allclose(xm, lam * x + (1 - lam) * x[yb], rtol=1e-6)
+        np.testing.assert_array_equal(ya, y)
+    # one domain only: partners drawn from the whole batch (no crash, valid indices)
+    _, (_, yb, _) = domain_mix(jax.random.PRNGKey(0), x, y, jnp.zeros(6, int))
+    assert set(np.asarray(yb)) <= set(range(6))
+    aug = get_augmentation("domainmix", alpha=0.2)
+    out = aug(jax.random.PRNGKey(1), {"x": x, "y": y, "domain": dom})
+    assert {"y_b", "lam"} <= set(out)
+    import pytest
+    with pytest.raises(ValueError, match=r"needs batch\['domain'\]"):
+        aug(jax.random.PRNGKey(1), {"x": x, "y": y})
