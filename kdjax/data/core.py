@@ -28,7 +28,7 @@ import numpy as np
 from kdjax._checks import check_choice
 
 __all__ = ["ArrayDataset", "load", "default_data_dir", "EMBEDDED", "normalize_like",
-           "channel_stats"]
+           "channel_stats", "DOMAINNET_DOMAINS"]
 
 EMBEDDED = ("mnist1d", "digits")
 
@@ -36,7 +36,12 @@ EMBEDDED = ("mnist1d", "digits")
 # same keys, and celeb_a has its own conversion.
 CATALOG_KNOWN = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped",
                  "mnist_corrupted/<corruption>", "cifar10_corrupted/<corruption>_<1-5>",
-                 "celeb_a")
+                 "celeb_a", "domainnet/<domain>")
+
+# TFDS domainnet's domains (Peng et al. 2019, "Moment Matching for Multi-Source Domain
+# Adaptation"; 345 classes, 586k images): a diversity shift, used leave-one-domain-out.
+# At 224 px they do not fit in memory: stream them (kdjax.data.stream.catalog_stream).
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 # celeb_a: label and spurious attribute of the Blond-hair task (Sagawa et al. 2020).
 CELEBA_LABEL = "Blond_Hair"

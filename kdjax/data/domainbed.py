@@ -21,6 +21,10 @@ hash when writing).
 One split, ``"train"``, holds the whole domain, as in DomainBed, where every
 environment is split into ``in``/``out`` parts by the experiment (``holdout_fraction``
 0.2 with a seeded permutation): :func:`holdout_split`.
+
+:class:`CelebaBlondOodBench` is the same kind of builder for CelebA-Blond with
+OoD-Bench's environment split files (``tr_env1``, ``tr_env2``, ``te_env``), beside the
+Sagawa et al. split that :func:`kdjax.data.load` gives for the TFDS ``celeb_a``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 __all__ = ["DomainbedConfig", "DomainbedFolder", "domainbed_builder", "list_domains",
-           "list_classes", "holdout_split", "DOMAINBED_DATASETS", "IMAGE_EXTENSIONS"]
+           "list_classes", "holdout_split", "DOMAINBED_DATASETS", "IMAGE_EXTENSIONS",
+           "CelebaBlondOodBench", "celeba_oodbench_builder", "celeba_split_file",
+           "OODBENCH_CELEBA_ENVS", "CELEBA_ATTRIBUTES"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -193,3 +199,160 @@ def holdout_split(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndar
     perm = np.random.default_rng(seed).permutation(n)
     k = int(n * fraction)
     return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+# ------------------------------------------------- CelebA-Blond, OoD-Bench's split
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald",
+    "Bangs", "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
+    "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
+    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young")
+OODBENCH_CELEBA_ENVS = ("tr_env1", "tr_env2", "te_env")
+
+
+def _read_split_file(path: str, attr_table) -> list[tuple[str, np.ndarray]]:
+    """``[(filename, 40 attributes in {0, 1})]`` of one OoD-Bench split file.
+
+    ``*.pickle``/``*.pkl``: OoD-Bench's pandas DataFrame (index: image file names,
+    column ``labels``: the 40 CelebA attributes in {0, 1}); needs pandas. Any other
+    file: one image file name per line (first whitespace/comma field), attributes read
+    from ``list_attr_celeba.txt`` (``attr_table``).
+    """
+    if path.endswith((".pickle", ".pkl")):
+        import pickle
+
+        try:
+            import pandas as pd  # noqa: F401  (unpickling a DataFrame needs it)
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading OoD-Bench's {path!r} needs pandas "
+                              "(pip install pandas).") from err
+        with open(path, "rb") as f:
+            df = pickle.load(f)
+        labels = np.stack([np.asarray(v) for v in df["labels"].values])
+        return [(str(n), (labels[i] > 0).astype(np.int64)) for i, n in enumerate(df.index)]
+    out = []
+    with open(path) as f:
+        for line in f:
+            name = line.replace(",", " ").split()
+            if not name or name[0].lower() in ("filename", "image_id"):
+                continue
+            if attr_table is None:
+                raise ValueError(f"split file {path!r} lists file names only; it needs "
+                                 "list_attr_celeba.txt beside img_align_celeba.")
+            out.append((name[0], attr_table[name[0]]))
+    return out
+
+
+def _read_attr_table(path: str) -> dict[str, np.ndarray]:
+    """CelebA's ``list_attr_celeba.txt``: count, header, then ``file v1..v40`` in ±1."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    header = lines[1].split()
+    if tuple(header) != CELEBA_ATTRIBUTES:
+        raise ValueError(f"{path!r} does not have CelebA's 40 attribute columns.")
+    table = {}
+    for line in lines[2:]:
+        parts = line.split()
+        if parts:
+            table[parts[0]] = (np.asarray(parts[1:], np.int64) > 0).astype(np.int64)
+    return table
+
+
+@dataclasses.dataclass(eq=False)
+class CelebaOodBenchConfig(tfds.core.BuilderConfig):
+    """``root`` holds ``img_align_celeba/`` and ``blond_split/<env>_df.pickle`` (or
+    ``<env>.txt`` file lists with ``list_attr_celeba.txt``)."""
+
+    root: str = ""
+
+
+class CelebaBlondOodBench(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """CelebA-Blond with OoD-Bench's two training environments and test environment.
+
+    OoD-Bench (Ye et al., "OoD-Bench: Quantifying and Understanding Two Dimensions of
+    Out-of-Distribution Generalization", CVPR 2022) splits CelebA into ``tr_env1``,
+    ``tr_env2`` (the training environments, with different strengths of the
+    hair-colour/gender correlation) and ``te_env`` (the test environment), given as
+    pickled DataFrames under ``blond_split/``. Each becomes a TFDS split. Records:
+    ``image`` (the JPEG as it is), ``label`` = Blond_Hair (attribute 9), ``spurious`` =
+    Male (attribute 20), ``group = 2 * label + spurious`` (as the Sagawa split of
+    :func:`kdjax.data.core.celeba_arrays`), ``env`` (0, 1, 2), ``filename``, and
+    ``index`` (row in the split file).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"CelebA-Blond, OoD-Bench split, from {self.builder_config.root!r}.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=["not_blond", "blond"]),
+                "spurious": tfds.features.Scalar(dtype=np.int64),
+                "group": tfds.features.Scalar(dtype=np.int64),
+                "env": tfds.features.Scalar(dtype=np.int64),
+                "filename": tfds.features.Text(),
+                "index": tfds.features.Scalar(dtype=np.int64),
+            }),
+            supervised_keys=("image", "label"),
+            homepage="https://github.com/ynysjtu/ood_bench",
+            citation="Ye et al., OoD-Bench, CVPR 2022.",
+        )
+
+    def _split_generators(self, dl_manager):
+        root = self.builder_config.root
+        attr_path = os.path.join(root, "list_attr_celeba.txt")
+        attrs = _read_attr_table(attr_path) if os.path.isfile(attr_path) else None
+        return {env: self._generate_examples(env, i, celeba_split_file(root, env), attrs)
+                for i, env in enumerate(OODBENCH_CELEBA_ENVS)}
+
+    def _generate_examples(self, env, env_index, path, attrs):
+        images = os.path.join(self.builder_config.root, "img_align_celeba")
+        blond, male = CELEBA_ATTRIBUTES.index("Blond_Hair"), CELEBA_ATTRIBUTES.index("Male")
+        for i, (name, a) in enumerate(_read_split_file(path, attrs)):
+            with open(os.path.join(images, name), "rb") as f:
+                data = f.read()
+            y, s = int(a[blond]), int(a[male])
+            yield f"{env}/{name}", {"image": data, "label": y, "spurious": s,
+                                    "group": 2 * y + s, "env": env_index,
+                                    "filename": name, "index": i}
+
+
+def celeba_split_file(root: str, env: str) -> str:
+    """The split file of OoD-Bench environment ``env`` under ``root/blond_split``."""
+    base = os.path.join(root, "blond_split")
+    for name in (f"{env}_df.pickle", f"{env}.pickle", f"{env}.txt", f"{env}.csv"):
+        if os.path.isfile(os.path.join(base, name)):
+            return os.path.join(base, name)
+    raise FileNotFoundError(
+        f"no OoD-Bench split file for {env!r} under {base!r} (expected {env}_df.pickle "
+        "from OoD-Bench's data release, https://github.com/ynysjtu/ood_bench, or a "
+        f"{env}.txt list of file names with list_attr_celeba.txt in {root!r}).")
+
+
+def celeba_oodbench_builder(root, *, data_dir=None) -> CelebaBlondOodBench:
+    """The (not yet prepared) builder of CelebA-Blond with OoD-Bench's split under
+    ``root`` (``img_align_celeba/``, ``blond_split/``); splits ``tr_env1``, ``tr_env2``,
+    ``te_env``."""
+    from kdjax.data.core import default_data_dir
+
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(os.path.join(root, "img_align_celeba")):
+        raise ValueError(f"root must hold img_align_celeba/ and blond_split/ (CelebA "
+                         f"aligned images and OoD-Bench's split files), got {root!r}.")
+    for env in OODBENCH_CELEBA_ENVS:
+        celeba_split_file(root, env)
+    tag = hashlib.sha1(root.encode()).hexdigest()[:8]
+    return CelebaBlondOodBench(config=CelebaOodBenchConfig(name=f"oodbench_{tag}", root=root),
+                               data_dir=default_data_dir(data_dir), file_format="array_record")

@@ -39,7 +39,8 @@ from kdjax.data.batching import epoch_order, num_batches
 from kdjax.data.core import ArrayDataset
 
 __all__ = ["Stream", "StreamIterator", "image_transform", "array_transform",
-           "from_array_dataset", "materialize"]
+           "celeba_blond", "from_array_dataset", "materialize", "catalog_stream",
+           "domainnet_streams", "concatenate"]
 
 
 def _check_int(value, name, minimum=0):
@@ -128,6 +129,24 @@ class image_transform:  # noqa: N801 - used like a function
         out = {"x": x.astype(np.float32), "y": np.int32(record[self.label_key])}
         out.update({k: np.asarray(record[k]) for k in self.extras})
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class celeba_blond:  # noqa: N801 - used like a function
+    """celeb_a records -> the Blond-hair task, then ``transform``: ``label`` =
+    ``attributes["Blond_Hair"]``, extras ``spurious`` = ``attributes["Male"]`` and
+    ``group = 2 * label + spurious`` (Sagawa et al. 2020, as
+    :func:`kdjax.data.core.celeba_arrays`)."""
+
+    transform: Callable = None
+
+    def __call__(self, record, rng):
+        y = int(bool(record["attributes"]["Blond_Hair"]))
+        a = int(bool(record["attributes"]["Male"]))
+        rec = {"image": record["image"], "label": y, "spurious": np.int32(a),
+               "group": np.int32(2 * y + a)}
+        inner = self.transform or image_transform(extras=("spurious", "group"))
+        return inner(rec, rng)
 
 
 def _random_resized_crop_box(w, h, rng, scale, ratio=(3 / 4, 4 / 3)):
@@ -379,3 +398,88 @@ def materialize(stream: Stream, *, max_examples: int | None = None,
                         num_classes=stream.num_classes, name=stream.name,
                         split=stream.split,
                         extras={k: np.concatenate(v) for k, v in extras.items()})
+
+
+def catalog_stream(name: str, split: str, transform: Callable | None = None, *,
+                   data_dir=None, **stream_kwargs) -> Stream:
+    """A TFDS catalog split as a :class:`Stream` (``tfds.data_source``, no TensorFlow).
+
+    ``transform`` defaults to :class:`image_transform` (eval mode, 224 px); for
+    ``celeb_a`` wrap it in :class:`celeba_blond`. ``num_classes`` comes from the
+    dataset's ``label`` feature (2 for celeb_a).
+    """
+    import tensorflow_datasets as tfds
+
+    from kdjax.data.core import default_data_dir
+
+    source = tfds.data_source(name, split=split, data_dir=default_data_dir(data_dir))
+    base = name.split("/")[0]
+    if base == "celeb_a":
+        num_classes = 2
+        transform = celeba_blond(transform)
+    else:
+        num_classes = int(source.dataset_info.features["label"].num_classes)
+        transform = transform or image_transform()
+    return Stream(source, num_classes, transform, name=name, split=split, **stream_kwargs)
+
+
+def domainnet_streams(target: str, transform_train: Callable, transform_eval: Callable,
+                      *, data_dir=None, **stream_kwargs) -> dict:
+    """DomainNet leave-one-domain-out: ``{"train": {domain: stream}, "val": {domain:
+    stream}, "test_target": stream}`` with the five other domains' ``train`` splits for
+    training, their ``test`` splits for in-domain validation, and ``target``'s ``test``
+    split as the held-out domain."""
+    from kdjax.data.core import DOMAINNET_DOMAINS
+
+    if target not in DOMAINNET_DOMAINS:
+        raise ValueError(f"target must be one of {list(DOMAINNET_DOMAINS)}, got {target!r}.")
+    sources = [d for d in DOMAINNET_DOMAINS if d != target]
+    mk = lambda d, s, t: catalog_stream(f"domainnet/{d}", s, t, data_dir=data_dir,
+                                        **stream_kwargs)
+    return {"train": {d: mk(d, "train", transform_train) for d in sources},
+            "val": {d: mk(d, "test", transform_eval) for d in sources},
+            "test_target": mk(target, "test", transform_eval)}
+
+
+class _ConcatSource:
+    """Random access over several sources in sequence; record ``i`` gains ``_env``."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        i = int(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return {"_env": k, "_record": self.sources[k][i - int(self.offsets[k])]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EnvTransform:
+    transforms: tuple
+
+    def __call__(self, record, rng):
+        out = dict(self.transforms[record["_env"]](record["_record"], rng))
+        out["env"] = np.int32(record["_env"])
+        return out
+
+
+def concatenate(streams, *, name: str = "", split: str = "") -> Stream:
+    """One stream over several (e.g. the source domains of a leave-one-domain-out
+    run), each keeping its own transform; examples gain ``env`` (the stream's position
+    in ``streams``), the environment index that DomainBed's objectives read."""
+    streams = list(streams)
+    if not streams:
+        raise ValueError("streams must hold at least one Stream, got none.")
+    classes = {s.num_classes for s in streams}
+    if len(classes) != 1:
+        raise ValueError(f"streams must have the same num_classes, got {sorted(classes)}.")
+    first = streams[0]
+    return Stream(_ConcatSource([s.source for s in streams]), first.num_classes,
+                  _EnvTransform(tuple(s.transform for s in streams)),
+                  name=name or "+".join(s.name for s in streams), split=split or first.split,
+                  num_workers=first.num_workers, num_threads=first.num_threads,
+                  prefetch=first.prefetch)
