@@ -78,8 +78,9 @@ def run_cells(cfg, seeds, ctx: L.Context | None = None) -> list[dict] | None:
     aug = dict(entry["augment"] or {})
     augment = kdata.get_augmentation(aug.pop("name"), **aug) if aug else None
     precompute = augment is None and not only_ce and all(m.name in L.LOGIT_ONLY for m in built)
-    data = {"x": tr.x, "y": tr.y, **({"teacher_logits": t["logits"]["train"]}
-                                     if precompute else {})}
+    tr, t_train = L.prune(cfg, splits, t)  # config.prune (default: keep everything)
+    data = {"x": tr.x, "y": tr.y, "domain": tr.extras["domain"],
+            **({"teacher_logits": t_train} if precompute else {})}
     b, epochs = cfg.student.batch_size, cfg.student.epochs
     steps = len(tr) // b
     tx = make_optimizer(cfg.student.optimizer.to_dict(), total_steps=epochs * steps,

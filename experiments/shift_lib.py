@@ -17,6 +17,7 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import methods, models
+from kdjax.data import pruning
 from kdjax.experiment import NOT_RESULT_KEYS
 from kdjax.train.engine import evaluate
 from kdjax.train.teacher import get_teacher
@@ -73,6 +74,8 @@ def cell_identity(cfg) -> dict:
     ident["entry"] = resolve_entry(cfg)
     ident["shift_options"] = shift_options(cfg, name)
     ident["models"] = cfg.models[input_kind(name)].to_dict()
+    if cfg.prune.score == "none" or cfg.prune.keep >= 1:
+        ident.pop("prune", None)  # keys of unpruned cells as before the option existed
     algorithm = cfg.teacher.algorithm
     if algorithm != "erm":  # the teacher objective(s) define the result too
         names = list(cfg.robust_teachers) if algorithm == "robust" else [algorithm]
@@ -250,6 +253,28 @@ def teacher(ctx: Context, cfg, splits) -> dict:
                                    m(t)["teacher_val_accuracy"]))
 
 
+def prune(cfg, splits, t):
+    """``(train split, its teacher logits)`` after ``config.prune`` (pruning before
+    distillation): keep the ``keep`` fraction of highest ``score`` per class, scores
+    from the cell's trained teacher (EL2N on its logits, GraNd on its parameters; the
+    paper scores with early-training networks: a documented deviation) or random."""
+    tr, logits = splits["train"], t["logits"]["train"]
+    score, keep = cfg.prune.score, float(cfg.prune.keep)
+    if score == "none" or keep >= 1:
+        return tr, logits
+    if score == "random":
+        s = pruning.random_scores(len(tr), cfg.data_seed)
+    elif score == "el2n":
+        s = pruning.el2n_scores(logits, tr.y)
+    else:
+        v, module = t["variables"], t["module"]
+        s = pruning.grand_scores(lambda p, x: module.apply({**v, "params": p}, x,
+                                                           train=False)[0],
+                                 [v["params"]], tr.x, tr.y)
+    idx = pruning.keep_indices(s, keep, tr.y)
+    return tr.subset(idx), logits[idx]
+
+
 def student_row(cfg, entry, terms, splits, t, m, best, val_gain, seconds) -> dict:
     """The result row of one student seed from its split metrics ``m``."""
     name, _ = parse_shift(cfg.shift)
@@ -270,7 +295,8 @@ def student_row(cfg, entry, terms, splits, t, m, best, val_gain, seconds) -> dic
         "best_epoch": best["epoch"], "epochs": cfg.student.epochs,
         "val_gain_last_quarter": val_gain, "weight": entry["weight"],
         "weight_rule": entry["weight_rule"], "global_batch_size": cfg.student.batch_size,
-        "train_examples": len(splits["train"]), "student": mc.student,
+        "train_examples": len(splits["train"]), "prune": cfg.prune.to_dict(),
+        "student": mc.student,
         "teacher_model": mc.teacher, "loss_terms": terms, "augment": entry["augment"],
         **t["metrics"], "train_seconds": seconds}
 

@@ -74,6 +74,7 @@ METHODS = [
      "images_only": True},
     {"name": "kd+randaugment", "methods": [],
      "augment": {"name": "randaugment", "num_ops": 2, "magnitude": 0.5}},
+    {"name": "kd+domainmix", "methods": [], "augment": {"name": "domainmix", "alpha": 0.2}},
 ]
 
 QUICK_METHODS = ["ce", "kd", "dkd", "kd_ls", "dist", "fitnet", "rkd", "kd+mixup"]
@@ -156,6 +157,8 @@ def get_config(variant: str = "full"):
     # worst-group accuracy (never the target) teaches the ``robust_methods`` students
     c.robust_teachers = ["groupdro"] if quick else ["groupdro", "vrex", "coral"]
     c.robust_methods = ["kd", "dkd"] if quick else ["kd", "dkd", "dist", "fitnet", "rkd"]
+    # pruning before distillation (kdjax.data.pruning; scores from the cell's teacher)
+    c.prune = ml_collections.ConfigDict({"score": "none", "keep": 1.0})
     # broken-student flag: in-domain accuracy more than this below the CE student's
     c.broken_margin = 0.10
     c.teacher.optimizer = ml_collections.ConfigDict(
@@ -245,6 +248,11 @@ def validate(c):
         if name not in catalogue:
             raise ValueError(f"unknown method entry {name!r} in config.robust_methods; "
                              f"valid entries: {catalogue}.")
+    if c.prune.score not in ("none", "random", "el2n", "grand"):
+        raise ValueError(f"config.prune.score must be one of ['none', 'random', 'el2n', "
+                         f"'grand'], got {c.prune.score!r}.")
+    if not 0 < c.prune.keep <= 1:
+        raise ValueError(f"config.prune.keep must be in (0, 1], got {c.prune.keep}.")
     if not 0 <= c.broken_margin <= 1:
         raise ValueError(f"config.broken_margin must be in [0, 1], got {c.broken_margin}.")
     for kind in c.models.keys():

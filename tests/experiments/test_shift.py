@@ -234,3 +234,37 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
     rows2 = S.main(argv)
     assert sorted(r["cell_key"] for r in rows2) == sorted(r["cell_key"] for r in rows)
     assert len(R.read_jsonl(str(tmp_path / "out" / "results.jsonl"))) == 18
+
+
+def test_sweep_configs_parse_and_name_valid_keys_and_values():
+    import shlex
+
+    from experiments import sweep
+    from experiments.configs import shift_sweeps as SW
+    from kdjax import experiment as kx
+
+    for name in SW.SWEEPS:
+        argv = shlex.split(SW.command(name).replace("\\\n", " "))[3:]  # after "-m sweep"
+        args = sweep.parse_args(argv)
+        assert args.driver == "experiments.shift" and args.seeds == 3
+        base = load_config("experiments.configs.shift", args.overrides, arg="quick")
+        cells = kx.expand(base, args.sweeps, [0], identity=L.cell_identity,
+                          validate=C.validate)
+        assert len(cells) == np.prod([len(v) for _, v in args.sweeps])
+    with pytest.raises(ValueError, match="unknown sweep 'nope'"):
+        SW.command("nope")
+
+
+def test_pruned_train_split_keeps_the_hardest_per_class():
+    from kdjax.data import ArrayDataset
+    cfg = quick(**{"prune.score": "el2n", "prune.keep": 0.5})
+    y = np.array([0, 0, 1, 1, 1, 1])
+    tr = ArrayDataset(x=np.zeros((6, 2), np.float32), y=y, num_classes=2, name="t",
+                      split="train")
+    logits = np.array([[5.0, 0], [0, 5.0], [0, 5.0], [5.0, 0], [0, 1.0], [1.0, 0]])
+    kept, t_kept = L.prune(cfg, {"train": tr}, {"logits": {"train": logits}})
+    # class 0: row 1 (wrong, confident) is hardest; class 1: rows 3 and 5
+    np.testing.assert_array_equal(t_kept, logits[[1, 3, 5]])
+    assert len(kept) == 3
+    assert "prune" not in L.cell_identity(quick())
+    assert "prune" in L.cell_identity(cfg)
