@@ -22,7 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from kdjax.data.stream import Stream
 from kdjax.train.checkpoint import Checkpointer
+from kdjax.train.distributed import stream_epoch_runner
 from kdjax.train.engine import Distiller, TrainState, evaluate, replicate
 
 __all__ = ["EvalSet", "Evaluation", "FitResult", "fit", "num_seeds_of"]
@@ -114,7 +116,10 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
       state: ``distiller.init(...)``, or a stack of them along a leading seed axis
         (``jax.vmap(distiller.init)``): the seeds then train as one program.
       teacher_vars: the frozen teacher's variables (None without a teacher).
-      train_data: dict of arrays (``x``, ``y``, ...), moved to device once.
+      train_data: dict of arrays (``x``, ``y``, ...), moved to device once; or a
+        :class:`kdjax.data.Stream` (data that do not fit in memory, or one process's
+        share of a multi-host run): the same plan, step and keys, batches read by
+        :func:`kdjax.train.distributed.stream_epoch_runner`.
       epochs: total number of epochs (a resumed run continues up to it).
       batch_size: global batch size (divisible by the mesh's devices).
       mesh: optional ``("data",)`` mesh (data parallel).
@@ -152,10 +157,14 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
             start = int(np.asarray(state.epoch).reshape(-1)[0])
 
     state = replicate(state, mesh)
-    data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
     tvars = replicate(teacher_vars, mesh)
-    epoch_fn = distiller.epoch_runner(batch_size, data["x"], mesh, num_seeds=num_seeds,
-                                      index_fn=index_fn)
+    if isinstance(train_data, Stream):   # streamed input, same step and plan
+        data, epoch_fn = None, stream_epoch_runner(distiller, train_data, batch_size, mesh,
+                                                   index_fn=index_fn)
+    else:
+        data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
+        epoch_fn = distiller.epoch_runner(batch_size, data["x"], mesh, num_seeds=num_seeds,
+                                          index_fn=index_fn)
 
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False,
                initial=start, total=epochs)
