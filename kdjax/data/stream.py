@@ -40,7 +40,7 @@ from kdjax.data.core import ArrayDataset
 
 __all__ = ["Stream", "StreamIterator", "image_transform", "array_transform",
            "celeba_blond", "from_array_dataset", "materialize", "catalog_stream",
-           "domainnet_streams", "concatenate"]
+           "domainnet_streams", "concatenate", "subset"]
 
 
 def _check_int(value, name, minimum=0):
@@ -483,3 +483,27 @@ def concatenate(streams, *, name: str = "", split: str = "") -> Stream:
                   name=name or "+".join(s.name for s in streams), split=split or first.split,
                   num_workers=first.num_workers, num_threads=first.num_threads,
                   prefetch=first.prefetch)
+
+
+class _SubsetSource:
+    def __init__(self, source, idx):
+        self.source, self.idx = source, np.asarray(idx, np.int64)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.source[int(self.idx[int(i)])]
+
+
+def subset(stream: Stream, idx, *, transform: Callable | None = None,
+           split: str | None = None) -> Stream:
+    """The records ``idx`` of ``stream`` (e.g. DomainBed's in/out split of a domain,
+    :func:`kdjax.data.domainbed.holdout_split`), optionally with another transform."""
+    idx = np.asarray(idx, np.int64)
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(stream))):
+        raise ValueError(f"idx must be a 1-D array of indices in [0, {len(stream)}), got "
+                         f"shape {idx.shape}.")
+    return dataclasses.replace(stream, source=_SubsetSource(stream.source, idx),
+                               transform=transform or stream.transform,
+                               split=stream.split if split is None else split)

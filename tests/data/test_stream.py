@@ -235,3 +235,23 @@ def test_evaluate_stream_equals_in_memory_evaluate():
     ref = evaluate(d.predict(state, ds.x, 24), ds.y)
     for k in ("accuracy", "loss", "ece"):
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7)
+
+
+def test_fit_takes_a_stream_with_the_same_numbers():
+    from kdjax.train import EvalSet, Evaluation, fit
+
+    ds, d, tvars = _problem()
+    mesh = make_mesh(8)
+    ev = Evaluation({"val": EvalSet(x=ds.x[:24], y=ds.y[:24])})
+    runs = []
+    for train_data in ({"x": ds.x, "y": ds.y}, from_array_dataset(ds)):
+        res = fit(d, d.init(0, ds.x[:2], tvars), tvars, train_data, epochs=2,
+                  batch_size=16, mesh=mesh, evaluation=ev, progress=False)
+        runs.append(res)
+    mem, streamed = runs
+    np.testing.assert_allclose(_flat(streamed.state.params), _flat(mem.state.params),
+                               rtol=1e-6, atol=1e-7)
+    assert [r["epoch"] for r in streamed.history] == [1, 2]
+    for a, b in zip(mem.history, streamed.history):
+        np.testing.assert_allclose(b["val"]["loss"], a["val"]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(b["train"]["total"], a["train"]["total"], rtol=1e-6)
