@@ -116,8 +116,8 @@ def _teachers(rows) -> str:
         "| shift | teacher | val | in-domain | target | val worst-group | target "
         "worst-group | target spurious rate |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        key = (r["shift"], r["teacher_algorithm"])
-        if key in seen:
+        key = (r["shift"], r.get("teacher_algorithm"))
+        if key in seen or key[1] is None:  # LODO mean rows carry no teacher
             continue
         seen.add(key)
         f = lambda k: "-" if r.get(k) is None else f"{100 * r[k]:.1f}"
@@ -192,9 +192,14 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
         f"student's on that shift): shown, not ranked, left out of the mean rank. "
         f"Wall time of this run (incl. data and teachers): {seconds:.0f} s."])
     parts = ["## Teachers (val = held-out source data)", "", _teachers(rows), "",
-             "Correlation shifts: spurious-only accuracy on the target = P(attribute = "
-             "label) there; shape-only (Bayes, label noise) = 1 - label noise (see "
-             "`kdjax.data.shifts`).", ""]
+             "Correlation shifts (recipe `multiclass`, `kdjax.data.shifts.MULTICLASS_RECIPE`:"
+             " 10 classes, attribute = label with probability 0.95 / 0.85 in the two "
+             "training environments, independent of the label at test, 5% label noise): "
+             "a classifier of the attribute alone scores 10% on the target, one of the "
+             "shape alone at most 95% (1 - label noise). DomainBed's binary ColoredMNIST "
+             "recipe (`recipe='domainbed'`) stays available but is degenerate for ERM "
+             "(colour predicts the noisy label better than shape: every model is a colour "
+             "classifier).", ""]
     for metric, title, higher in MAIN:
         parts += [f"## {title} (ERM teacher)", "",
                   table(rows, metric, methods, cols, broken=broken, higher=higher,

@@ -268,3 +268,46 @@ def test_pruned_train_split_keeps_the_hardest_per_class():
     assert len(kept) == 3
     assert "prune" not in L.cell_identity(quick())
     assert "prune" in L.cell_identity(cfg)
+
+
+def test_report_on_constructed_rows(tmp_path):
+    """The whole report from synthetic rows: teachers, LODO mean column, broken mark,
+    ERM-vs-robust block with a paired CI, convergence."""
+    cfg = C.get_config("quick")
+    with cfg.unlocked():
+        cfg.shifts = ["mnist1d_domains:base", "mnist1d_domains:shear", "coloured_digits"]
+        cfg.run_methods = ["ce", "kd", "fitnet"]
+        cfg.robust_methods = ["kd"]
+    rows = []
+    for s in range(3):
+        for shift in cfg.shifts:
+            corr = shift == "coloured_digits"
+            for teacher, methods_ in (("erm", cfg.run_methods), ("robust", ["kd"])):
+                if teacher == "robust" and not corr:
+                    continue
+                for m in methods_:
+                    ind = {"ce": 0.9, "kd": 0.91, "fitnet": 0.5}[m] + 0.01 * s
+                    tgt = ind - 0.2 + (0.1 + 0.01 * s if teacher == "robust" else 0)
+                    rows.append({
+                        "shift": shift, "teacher": teacher, "method": m, "seed": s,
+                        "in_accuracy": ind, "target_accuracy": tgt, "drop": ind - tgt,
+                        "target_ece": 0.1, "target_nll": 0.5, "target_agreement": 0.8,
+                        "target_worst_group_accuracy": tgt - 0.3 if corr else None,
+                        "target_spurious_rate": 0.3 if corr else None,
+                        "best_epoch": 18, "epochs": 20, "val_gain_last_quarter": 0.001,
+                        "teacher_algorithm": "groupdro" if teacher == "robust" else "erm",
+                        "teacher_val_accuracy": 0.95, "teacher_in_accuracy": 0.94,
+                        "teacher_target_accuracy": 0.7})
+    header, body = SR.report(cfg, rows, str(tmp_path), ["x on y: skipped, z."], 12.0)
+    assert "12 s" in header and "† = broken student" in header
+    assert "| mnist1d_domains (LODO mean) | erm" not in body  # no teacher of a mean
+    target = body.split("## Target-domain accuracy")[1].split("## In-domain")[0]
+    assert "mnist1d_domains (LODO mean)" in target.splitlines()[2]
+    fit = next(ln for ln in target.splitlines() if ln.startswith("| fitnet |"))
+    assert fit.count("†") == 4 and fit.endswith("| - |")  # broken everywhere, no rank
+    rob = body.split("best robust teacher")[1]
+    line = next(ln for ln in rob.splitlines() if ln.startswith("| coloured_digits | kd |"))
+    assert "groupdro" in line and "+11.0 [" in line  # robust - ERM = 0.10 + 0.01 s
+    assert "| coloured_digits | groupdro (robust pick) |" in body
+    assert "x on y: skipped, z." in body
+    assert (tmp_path / "target_accuracy.png").stat().st_size > 0
