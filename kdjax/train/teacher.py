@@ -208,12 +208,16 @@ def get_teacher(teacher_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any],
     def build(ckpt_dir):
         state = distiller.init(int(tc.get("seed", 0)), train["x"][:2])
         extra = {k: val[k] for k in ("groups", "num_groups") if k in val}
-        result = fit(distiller, state, None, dict(train), epochs=tc["epochs"],
-                     batch_size=tc["batch_size"], mesh=mesh,
-                     evaluation=Evaluation({"val": EvalSet(x=val["x"], y=val["y"],
-                                                           **extra)}, select_on="val"),
-                     checkpointer=Checkpointer(ckpt_dir), checkpoint_every=checkpoint_every,
-                     progress=progress, desc="teacher")
+        try:
+            result = fit(distiller, state, None, dict(train), epochs=tc["epochs"],
+                         batch_size=tc["batch_size"], mesh=mesh,
+                         evaluation=Evaluation({"val": EvalSet(x=val["x"], y=val["y"],
+                                                               **extra)}, select_on="val"),
+                         checkpointer=Checkpointer(ckpt_dir),
+                         checkpoint_every=checkpoint_every, progress=progress,
+                         desc="teacher")
+        except FloatingPointError as e:   # fit's divergence guard: name the config too
+            raise type(e)(f"{what} diverged ({e}); nothing was cached.") from e
         (best,) = result.best
         diverged = _first_divergence(result.history, best)
         if diverged:
