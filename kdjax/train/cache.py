@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from typing import Any, Callable
 
@@ -57,7 +56,8 @@ import jax
 import numpy as np
 
 from kdjax._io import atomic_write_text, run_metadata
-from kdjax.train.checkpoint import load_pytree, move_aside, save_pytree
+from kdjax.train.checkpoint import (NotWritableError, ensure_writable, load_pytree,
+                                    move_aside, save_pytree)
 
 __all__ = ["CacheWarning", "NonFiniteError", "NotWritableError", "checkpoint_dir",
            "ensure_writable", "entry_paths", "get_or_build", "load", "nonfinite_leaves",
@@ -72,10 +72,6 @@ class NonFiniteError(ValueError):
     """A result with NaN/Inf entries was about to be cached (a diverged run)."""
 
 
-class NotWritableError(OSError):
-    """A cache or output directory cannot be written (read-only, not a directory, full)."""
-
-
 def entry_paths(cache_dir: str, name: str) -> tuple[str, str]:
     """``(tree directory, meta json path)`` of the entry ``name``."""
     tree_path = os.path.join(os.path.abspath(cache_dir), name)
@@ -85,46 +81,6 @@ def entry_paths(cache_dir: str, name: str) -> tuple[str, str]:
 def checkpoint_dir(cache_dir: str, name: str) -> str:
     """Where the run that builds entry ``name`` keeps its resumable checkpoints."""
     return os.path.join(os.path.abspath(cache_dir), name + ".ckpt")
-
-
-def ensure_writable(directory: str, need_bytes: int = 0) -> str:
-    """Creates ``directory`` if needed and proves it writable; returns its absolute path.
-
-    Checks ``os.access(W_OK | X_OK)`` and then writes, fsyncs and removes a probe file
-    (``os.access`` alone says yes for root on a read-only directory, and nothing about a
-    read-only file system). With ``need_bytes > 0`` the file system must have that much
-    free space. Raises :class:`NotWritableError` naming the path otherwise.
-    """
-    path = os.path.abspath(os.fspath(directory))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotWritableError(f"{path!r} exists and is not a directory.")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise NotWritableError(e.errno, f"directory {path!r} cannot be created "
-                               f"({e.strerror or e}); choose a writable location", path
-                               ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise NotWritableError(f"directory {path!r} is not writable (permissions); "
-                               f"choose a writable location.")
-    try:
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe_")
-        try:
-            os.write(fd, b"kdjax")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.remove(probe)
-    except OSError as e:
-        raise NotWritableError(e.errno, f"directory {path!r} is not writable "
-                               f"({e.strerror or e}); choose a writable location", path
-                               ) from None
-    if need_bytes > 0:
-        free = shutil.disk_usage(path).free
-        if free < need_bytes:
-            raise NotWritableError(f"directory {path!r} has {free} bytes free, "
-                                   f"{need_bytes} needed; free some space.")
-    return path
 
 
 def nonfinite_leaves(tree: Any) -> list[tuple[str, int]]:

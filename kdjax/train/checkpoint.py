@@ -12,20 +12,69 @@ succeeds (before: ``StepAlreadyExistsError`` on every rerun). When no step is re
 the run starts from scratch.
 
 Saving is synchronous (``wait_until_finished``), so a SIGKILL after ``save`` returns
-never loses that step. :func:`move_aside` is the one helper for setting a damaged file
+never loses that step. A directory that cannot be written fails at construction
+(:func:`ensure_writable`, :class:`NotWritableError` naming the path) rather than after
+the first epoch, where orbax would stall for minutes. :func:`move_aside` is the one helper for setting a damaged file
 or directory aside; :mod:`kdjax.train.cache` uses it for cache entries.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "save_pytree", "load_pytree", "move_aside"]
+__all__ = ["Checkpointer", "NotWritableError", "ensure_writable", "load_pytree",
+           "move_aside", "save_pytree"]
+
+
+class NotWritableError(OSError):
+    """A cache or output directory cannot be written (read-only, not a directory, full)."""
+
+
+def ensure_writable(directory: str, need_bytes: int = 0) -> str:
+    """Creates ``directory`` if needed and proves it writable; returns its absolute path.
+
+    Checks ``os.access(W_OK | X_OK)`` and then writes, fsyncs and removes a probe file
+    (``os.access`` alone says yes for root on a read-only directory, and nothing about a
+    read-only file system). With ``need_bytes > 0`` the file system must have that much
+    free space. Raises :class:`NotWritableError` naming the path otherwise.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotWritableError(f"{path!r} exists and is not a directory.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NotWritableError(e.errno, f"directory {path!r} cannot be created "
+                               f"({e.strerror or e}); choose a writable location", path
+                               ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise NotWritableError(f"directory {path!r} is not writable (permissions); "
+                               f"choose a writable location.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe_")
+        try:
+            os.write(fd, b"kdjax")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise NotWritableError(e.errno, f"directory {path!r} is not writable "
+                               f"({e.strerror or e}); choose a writable location", path
+                               ) from None
+    if need_bytes > 0:
+        free = shutil.disk_usage(path).free
+        if free < need_bytes:
+            raise NotWritableError(f"directory {path!r} has {free} bytes free, "
+                                   f"{need_bytes} needed; free some space.")
+    return path
 
 
 def move_aside(path: str, suffix: str = "corrupt") -> str:
@@ -48,7 +97,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        # fail fast: orbax stalls ~300 s (a barrier timeout) before failing a save into
+        # a directory it cannot write
+        self.directory = ensure_writable(directory)
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

@@ -120,3 +120,10 @@ def test_truncated_meta_json_alone_makes_a_step_unreadable(tmp_path):
     with pytest.warns(UserWarning, match=r"step 2"):
         step, _, meta = Checkpointer(str(d)).restore_latest(_tree(0))
     assert step == 1 and meta == {"step": 1}
+
+
+def test_unwritable_checkpoint_directory_fails_at_construction(tmp_path):
+    from kdjax.train.checkpoint import NotWritableError
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotWritableError, match=r"f/ck.*cannot be created"):
+        Checkpointer(str(tmp_path / "f" / "ck"))
