@@ -2,6 +2,9 @@
 
 import ml_collections
 
+from kdjax import models
+from kdjax.train.optim import validate_optimizer_config
+
 
 def cnn1d_teacher() -> ml_collections.ConfigDict:
     """The MNIST-1D teacher used by several drivers: CNN1D (32, 64, 128), 30 epochs of
@@ -32,3 +35,7 @@ def validate_common(c) -> None:
         for k in ("epochs", "batch_size"):
             if c[part][k] < 1:
                 raise ValueError(f"config.{part}.{k} must be >= 1, got {c[part][k]}.")
+        # before any training (resnet999, an unknown optimiser or a NaN/inf/negative
+        # learning rate of the student used to fail only after the teacher had trained)
+        models.check_name(c[part].model, f"config.{part}.model")
+        validate_optimizer_config(c[part].optimizer, f"config.{part}.optimizer")
