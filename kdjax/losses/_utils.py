@@ -29,3 +29,20 @@ def reduce_per_example(values: jnp.ndarray, weights=None, reduction: str = "mean
     if reduction == "sum":
         return jnp.sum(values)
     return values
+
+
+def multiplicities(weights, batch: int, name: str = "weights") -> jnp.ndarray:
+    """Weights of a batch-coupled loss as example multiplicities, float32 ``[batch]``.
+
+    ``None`` gives ones (the unweighted loss). Batch-coupled losses (relation and
+    similarity losses, DIST) define their weighted value as the loss of the batch in
+    which example ``i`` appears ``w_i`` times (exact for integer ``w``, extended to real
+    ``w >= 0``): every sum over examples ``sum_i`` becomes ``sum_i w_i``, every pair sum
+    ``sum_ij`` becomes ``sum_ij w_i w_j``, and the batch size ``B`` becomes
+    ``sum_i w_i``. Weights normalised to mean 1 (KD-AIF's) keep the batch size ``B``,
+    and then per-example means agree with :func:`reduce_per_example`.
+    """
+    if weights is None:
+        return jnp.ones((batch,), jnp.float32)
+    check_weights(weights, name, batch)
+    return jnp.asarray(weights).astype(jnp.float32)

@@ -34,19 +34,9 @@ from typing import Any, Callable, Sequence
 
 import chex
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
-from jax._src import callback as _jax_callback  # emit_python_callback: see _exact_plan_p
-from jax._src.interpreters import ad as _jax_ad
-from jax._src.interpreters import batching as _jax_batching
-from jax._src.interpreters import mlir as _jax_mlir
 from jax.sharding import PartitionSpec as P
-from ott.geometry import pointcloud
-from ott.solvers import linear as ott_linear
-from ott.solvers.linear import implicit_differentiation
-from ott.tools import sinkhorn_divergence as ott_sinkdiv
-from ott.tools import sliced as ott_sliced
 
 from kdjax._checks import (
     check_choice,
@@ -68,7 +58,7 @@ __all__ = [
     "mmd",
     "conditional",
     "joint_ot",
-    "per_device",
+    "gromov_wasserstein",
     "DIFFERENTIATION_MODES",
     "MMD_KERNELS",
     "EPSILON_SCALES",
@@ -194,60 +184,22 @@ def _host_plan(cost, a, b):
     return out
 
 
-# The plan is a primitive of its own whose lowering calls ``_host_plan`` on the raw
-# host buffers XLA hands to the callback. ``jax.pure_callback`` instead first
-# ``device_put``s those buffers back onto a JAX CPU device and the callback's
-# ``np.asarray`` then waits for that transfer: the transfer is runtime work issued from
-# *inside* a running computation. In a multi-device program (a mesh of CPU devices; the
-# callback runs once, on device 0) the other devices sit in the step's next all-reduce
-# meanwhile, and when that work cannot be scheduled (the host runtime's workers are
-# taken by the devices blocked in the collective and by concurrently dispatched eager
-# ops such as the loop epoch's index gather) device 0 never arrives and XLA aborts the
-# process after its 40 s rendezvous timeout ("Fatal Python error: Aborted"). Working on
-# the numpy buffers directly keeps the callback free of JAX runtime calls.
-_exact_plan_p = jax.extend.core.Primitive("kdjax_exact_ot_plan")
-
-
-def _plan_abstract_eval(cost, a, b):
-    del a, b
-    return cost.update(dtype=jnp.dtype(jnp.float32), weak_type=False)
-
-
-def _plan_impl(cost, a, b):  # eager call: concrete arrays, solved right here
-    return jnp.asarray(_host_plan(np.asarray(cost), np.asarray(a), np.asarray(b)))
-
-
-def _plan_batch(args, dims):
-    """vmap: every operand gets the batch axis in front; the host code loops over it."""
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    args = [jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
-            for x, d in zip(args, dims)]
-    return _exact_plan_p.bind(*args), 0
-
-
-def _plan_lowering(ctx, cost, a, b):
-    def host(cost, a, b):
-        return (_host_plan(cost, a, b),)
-
-    sharding = _jax_callback._callback_op_sharding(
-        ctx.module_context.axis_context, None, ctx.avals_out)
-    result, _, _ = _jax_callback.emit_python_callback(
-        ctx, host, None, [cost, a, b], ctx.avals_in, ctx.avals_out,
-        has_side_effect=False, returns_token=False, sharding=sharding)
-    return result
-
-
-_exact_plan_p.def_impl(_plan_impl)
-_exact_plan_p.def_abstract_eval(_plan_abstract_eval)
-_jax_batching.primitive_batchers[_exact_plan_p] = _plan_batch
-_jax_ad.defjvp_zero(_exact_plan_p)   # the plan is piecewise constant in the cost
-_jax_mlir.register_lowering(_exact_plan_p, _plan_lowering, cacheable=False)
-
-
 def _exact_plan(cost, a, b):
-    """Optimal plan for ``cost`` (stop-gradient) via a host assignment/LP solver."""
+    """Optimal plan for ``cost`` (stop-gradient) from the host solver.
+
+    ``jax.pure_callback`` with ``vmap_method="broadcast_all"``: under ``vmap`` the
+    callback receives every operand with the mapped axes in front and ``_host_plan``
+    loops over them, so a vmapped call (e.g. :func:`conditional`) is one host call.
+    Public JAX only (an earlier version lowered a private primitive; see the git log:
+    ``jax.pure_callback`` hands the callback its operands as jax Arrays on the host CPU
+    device, and in a loaded 8-fake-CPU-device train step that transfer was once seen to
+    wait on the step's all-reduce; the 8-device ``fit`` regression test in
+    ``tests/methods/test_kd2m.py`` runs this path). The plan has no gradient (it is under
+    ``stop_gradient``; see :func:`exact_ot`).
+    """
     cost, a, b = (jax.lax.stop_gradient(v).astype(jnp.float32) for v in (cost, a, b))
-    return _exact_plan_p.bind(cost, a, b)
+    out = jax.ShapeDtypeStruct(cost.shape, jnp.float32)
+    return jax.pure_callback(_host_plan, out, cost, a, b, vmap_method="broadcast_all")
 
 
 def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
@@ -259,7 +211,7 @@ def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
         \|x_i - y_j\|^2
 
     KD2M's "empirical" measure model (arXiv:2504.01757; authors' ``empirical_w2`` solves
-    it with ``ot.emd``). The plan is found on the host through a Python callback (see ``_exact_plan_p``):
+    it with ``ot.emd``). The plan is found on the host through ``jax.pure_callback`` (see ``_exact_plan``):
     with ``n == m`` and uniform weights it is a permutation
     (``scipy.optimize.linear_sum_assignment``), otherwise the transport LP is solved
     with HiGHS (``scipy.optimize.linprog``; fine up to a few hundred points). Zero-weight
@@ -269,8 +221,8 @@ def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
     returned value ``<gamma*, C(x, y)>`` is differentiated through the cost only; this is
     the exact gradient wherever the optimal plan is unique. ``a``, ``b`` get no gradient.
     Works under ``jit`` and ``vmap`` (the callback loops over the mapped problems on the
-    host) and on multi-device meshes (global batch, solved once on the first device);
-    it is host-bound and synchronous, see ``benchmarks/ot.py``.
+    host), on multi-device meshes (global batch) and inside ``jax.shard_map`` (each
+    device's shard); it is host-bound and synchronous, see ``benchmarks/ot.py``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -312,12 +264,8 @@ def _check_sinkhorn_args(epsilon, threshold, max_iterations, min_iterations, dif
 
 
 def _solver_kwargs(threshold, max_iterations, min_iterations, differentiation):
-    if differentiation == "implicit":
-        diff = dict(implicit_diff=implicit_differentiation.ImplicitDiff(), use_danskin=True)
-    else:
-        diff = dict(implicit_diff=None, use_danskin=False)
-    return dict(threshold=threshold, max_iterations=max_iterations,
-                min_iterations=min_iterations, **diff)
+    from kdjax.losses import _ott
+    return _ott.solver_kwargs(threshold, max_iterations, min_iterations, differentiation)
 
 
 def _cost_scale(x, y, a, b, relative_to):
@@ -420,10 +368,11 @@ def sinkhorn(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
     """
     _check_sinkhorn_args(epsilon, threshold, max_iterations, min_iterations, differentiation,
                          relative_to)
+    from kdjax.losses import _ott
     x, y, a, b = _prepare(x, y, a, b)
     eps = _absolute_epsilon(x, y, a, b, epsilon, relative_to)
-    geom = pointcloud.PointCloud(x, y, epsilon=eps)
-    out = ott_linear.solve(geom, a=a, b=b, **_solver_kwargs(
+    geom = _ott.pointcloud.PointCloud(x, y, epsilon=eps)
+    out = _ott.solve(geom, a, b, **_solver_kwargs(
         threshold, max_iterations, min_iterations, differentiation))
     value = out.reg_ot_cost
     if not return_diagnostics:
@@ -468,17 +417,17 @@ def sinkhorn_divergence(x: chex.Array, y: chex.Array, a: chex.Array | None = Non
     """
     _check_sinkhorn_args(epsilon, threshold, max_iterations, min_iterations, differentiation,
                          relative_to)
+    from kdjax.losses import _ott
     x, y, a, b = _prepare(x, y, a, b)
     eps = _absolute_epsilon(x, y, a, b, epsilon, relative_to)
-    value, out = ott_sinkdiv.sinkdiv(
-        x, y, a=a, b=b, epsilon=eps, static_b=static_b,
-        solve_kwargs=_solver_kwargs(threshold, max_iterations, min_iterations,
-                                    differentiation))
+    value, outs = _ott.sinkhorn_divergence(
+        x, y, a, b, eps, static_b,
+        _solver_kwargs(threshold, max_iterations, min_iterations, differentiation))
     if not return_diagnostics:
         return value
-    conv = [jnp.asarray(c) for c in out.converged if c is not None]
-    iters = [jnp.asarray(0 if i is None else i, jnp.int32) for i in out.n_iters]
-    errs = [(_last_error(e) if e is not None else jnp.asarray(-1.0)) for e in out.errors]
+    conv = [jnp.asarray(o.converged) for o in outs if o is not None]
+    iters = [jnp.asarray(0 if o is None else o.n_iters, jnp.int32) for o in outs]
+    errs = [(_last_error(o.errors) if o is not None else jnp.asarray(-1.0)) for o in outs]
     diag = {"converged": jnp.all(jnp.stack(conv)), "iterations": jnp.stack(iters),
             "error": jnp.stack([jnp.asarray(e, jnp.float32) for e in errs]),
             "epsilon": eps}
@@ -518,6 +467,8 @@ def sliced_wasserstein(x: chex.Array, y: chex.Array, a: chex.Array | None = None
         raise ValueError(f"num_projections must be a positive int, got {num_projections!r}.")
     if key is None:
         raise ValueError("key must be a PRNG key (jax.random.key(...)), got None.")
+    from ott.tools import sliced as ott_sliced
+
     given_weights = a is not None or b is not None
     x, y, a, b = _prepare(x, y, a, b)
     value, _ = ott_sliced.sliced_wasserstein(
@@ -760,7 +711,7 @@ def joint_ot(x: chex.Array, y: chex.Array, logits_x: chex.Array, logits_y: chex.
       >>> from kdjax.losses import joint_ot
       >>> f = jax.random.normal(jax.random.key(0), (6, 4))
       >>> z = jax.random.normal(jax.random.key(1), (6, 3))
-      >>> float(joint_ot(f, f, z, z))
+      >>> round(float(joint_ot(f, f, z, z)), 5)
       0.0
 
     Args:
@@ -802,6 +753,93 @@ def joint_ot(x: chex.Array, y: chex.Array, logits_x: chex.Array, logits_y: chex.
     plan = _exact_plan(cost, a, b)
     value = jnp.sum(plan * cost)
     return (value, plan) if return_plan else value
+
+
+# --- Gromov-Wasserstein -----------------------------------------------------------------
+
+def gromov_wasserstein(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
+                       b: chex.Array | None = None, *, epsilon: chex.Numeric = 1e-3,
+                       threshold: float = 1e-4, max_iterations: int = 50,
+                       min_iterations: int = 5, inner_max_iterations: int = 2000,
+                       return_plan: bool = False, return_diagnostics: bool = False):
+    r"""Gromov-Wasserstein discrepancy between student and teacher feature clouds.
+
+    .. math::
+        \mathrm{GW}(\hat\mu, \hat
+u) = \min_{\gamma\in\Pi(a,b)} \sum_{i,k,j,l}
+        ig(C^x_{ik} - C^y_{jl}ig)^2 \gamma_{ij}\gamma_{kl},\qquad
+        C^x_{ik} = \|x_i - x_k\|^2,\ C^y_{jl} = \|y_j - y_l\|^2
+
+    (Memoli 2011; the square-loss GW of POT's ``gromov_wasserstein2``). It compares the
+    *intra*-cloud distance structures, so ``x`` and ``y`` may have different feature
+    dimensions (no projector needed) and the value is invariant to isometries of either
+    cloud. Named as a member of the KD2M family in issue 15 (the paper lists OT-based
+    distances; GW is the variant for features living in different spaces).
+
+    The plan ``gamma`` comes from ott-jax's entropic ``GromovWasserstein`` solver
+    (mirror descent over linearised Sinkhorn problems, inner solver the
+    shard_map-safe Sinkhorn of ``kdjax.losses._ott``) with ``epsilon`` relative to the
+    mean of the linearised cost (ott's ``relative_epsilon="mean"``), under
+    ``stop_gradient``; the returned value is the *unregularised* objective above at
+    that plan, ``p^T (C^x)^{\circ 2} p + q^T (C^y)^{\circ 2} q - 2\langle C^x\gamma
+    C^y, \gamma\rangle`` (``p = gamma 1``, ``q = gamma^T 1``), and its gradient is
+    the envelope-theorem one (through the costs, plan fixed), as for :func:`exact_ot`.
+    GW is non-convex: the plan is a local optimum (POT's conditional gradient is too);
+    on small clouds the two agree (tested).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from kdjax.losses import gromov_wasserstein
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> rot = jnp.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+      >>> float(gromov_wasserstein(x, x @ rot.T + 5.0)) < 1e-3   # an isometry
+      True
+
+    Args:
+      x: ``[n, d]`` student features. y: ``[m, e]`` teacher features (``e`` may differ).
+      a, b: optional ``[n]`` / ``[m]`` non-negative sample weights (normalised).
+      epsilon: entropic regularisation relative to the mean linearised cost, ``> 0``.
+      threshold, max_iterations, min_iterations: outer (GW) iteration controls.
+      inner_max_iterations: Sinkhorn iterations per linearised problem.
+      return_plan: also return the ``[n, m]`` plan.
+      return_diagnostics: also return ``{"converged"}`` (the outer loop's flag).
+    """
+    from kdjax.losses import _ott
+
+    check_float_array(x, "x", ndim=2)
+    check_float_array(y, "y", ndim=2)
+    check_finite(x, "x")
+    check_finite(y, "y")
+    check_positive(epsilon, "epsilon")
+    check_positive(threshold, "threshold")
+    for v, n in ((max_iterations, "max_iterations"), (inner_max_iterations,
+                                                       "inner_max_iterations")):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{n} must be a positive int, got {v!r}.")
+    if not isinstance(min_iterations, int) or not 0 <= min_iterations <= max_iterations:
+        raise ValueError(f"min_iterations must be an int in [0, max_iterations="
+                         f"{max_iterations}], got {min_iterations!r}.")
+    a = _marginal(a, "a", x.shape[0])
+    b = _marginal(b, "b", y.shape[0])
+    x = _replicated(x).astype(jnp.float32)
+    y = _replicated(y).astype(jnp.float32)
+    x = x - jax.lax.stop_gradient(a @ x)
+    y = y - jax.lax.stop_gradient(b @ y)
+    cx, cy = _sqdist(x, x), _sqdist(y, y)
+    sg = jax.lax.stop_gradient
+    out = _ott.gromov_wasserstein(
+        sg(x), sg(y), a, b, epsilon,
+        dict(threshold=threshold, max_iterations=max_iterations,
+             min_iterations=min_iterations), inner_max_iterations)
+    plan = sg(out.matrix)
+    p, q = jnp.sum(plan, 1), jnp.sum(plan, 0)
+    value = p @ (cx * cx) @ p + q @ (cy * cy) @ q - 2.0 * jnp.sum((cx @ plan @ cy) * plan)
+    res = (value,)
+    if return_plan:
+        res += (plan,)
+    if return_diagnostics:
+        res += ({"converged": jnp.asarray(out.converged)},)
+    return res[0] if len(res) == 1 else res
 
 
 # --- label-conditional distances -------------------------------------------------------------
@@ -880,66 +918,3 @@ def conditional(distance_fn: Callable[..., Any], x: chex.Array, y: chex.Array,
     if diag is None:
         return total
     return total, {**diag, "present": present}
-
-
-# --- per-device batch semantics ------------------------------------------------------------
-
-def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
-               axis_name: str = "data") -> Callable[..., Any]:
-    r"""Per-device semantics: ``fn`` on each device's shard of the batch, then ``pmean``.
-
-    ``per_device(fn, mesh)(*arrays, **kwargs)`` splits every positional array along its
-    leading (batch) axis over ``mesh`` axis ``axis_name`` (``jax.shard_map``), evaluates
-    ``fn`` on each shard and returns the mean over devices (replicated). Keyword
-    arguments are replicated (array keywords such as a PRNG ``key`` are passed as
-    replicated inputs, others are closed over). ``fn`` must return a scalar.
-
-    This is what a batch-level loss computes under the usual ``pmap``/DDP data
-    parallelism (each device sees B / n_devices examples): a distance between
-    sub-batches, a different (and for OT/MMD biased-up) quantity from the global-batch
-    distance obtained with plain ``jit`` on sharded arrays. The KD2M authors train on
-    one GPU, i.e. global-batch semantics.
-
-    Examples:
-      >>> import jax
-      >>> from kdjax.losses import per_device, mmd
-      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
-      >>> loss = per_device(mmd, mesh)   # loss(x, y) with x, y sharded over "data"
-    """
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name must be one of the mesh axes {mesh.axis_names}, "
-                         f"got {axis_name!r}.")
-    size = mesh.shape[axis_name]
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        arr_kw = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
-        static_kw = {k: v for k, v in kwargs.items() if k not in arr_kw}
-        for i, v in enumerate(args):
-            if v is not None and np.shape(v) and np.shape(v)[0] % size:
-                raise ValueError(
-                    f"positional argument {i} has leading dimension {np.shape(v)[0]}, which "
-                    f"must be divisible by the {size} devices of mesh axis {axis_name!r}.")
-
-        def local(args, arr_kw):
-            return jax.lax.pmean(fn(*args, **arr_kw, **static_kw), axis_name)
-
-        specs = tuple(P() if v is None or not np.shape(v) else P(axis_name) for v in args)
-        mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: P() for k in arr_kw}),
-                               out_specs=P(), check_vma=False)
-        shardings = tuple(jax.sharding.NamedSharding(mesh, s) for s in specs)
-        axis_type = mesh.axis_types[mesh.axis_names.index(axis_name)]
-        explicit = axis_type == jax.sharding.AxisType.Explicit
-        place = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
-
-        @jax.jit
-        def run(args, arr_kw):
-            # Place the batch on the mesh first (a no-op when it already is).
-            args = tuple(v if v is None else place(v, sh) for v, sh in zip(args, shardings))
-            return mapped(args, arr_kw)
-
-        return run(tuple(args), arr_kw)
-
-    return wrapped

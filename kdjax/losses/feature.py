@@ -15,6 +15,7 @@ Per-example losses take ``weights``/``reduction`` (see
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import chex
 import jax
@@ -40,6 +41,8 @@ __all__ = [
     "activation_boundary",
     "factor_transfer",
     "vid",
+    "hcl",
+    "adaptive_avg_pool",
 ]
 
 _EPS = 1e-12  # torch.nn.functional.normalize's default eps, used by the reference codes
@@ -410,3 +413,103 @@ def vid(student_mean: chex.Array, teacher: chex.Array, log_scale: chex.Array,
     diff = teacher.astype(jnp.float32) - student_mean.astype(jnp.float32)
     nll = 0.5 * (diff * diff / var + jnp.log(var))
     return reduce_per_example(_per_example_mean(nll), weights, reduction)
+
+
+def adaptive_avg_pool(x: chex.Array, size: int | tuple[int, ...]) -> chex.Array:
+    """``torch.nn.functional.adaptive_avg_pool{1,2}d`` for channels-last ``[B, *S, C]``.
+
+    Output bin ``o`` of an axis of length ``n`` averages input positions
+    ``floor(o n / k) .. ceil((o + 1) n / k) - 1`` (bins overlap when ``k`` does not
+    divide ``n``), as torch does; computed as one averaging matrix per spatial axis.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from kdjax.losses import adaptive_avg_pool
+      >>> adaptive_avg_pool(jnp.arange(3.0).reshape(1, 3, 1), 2)[0, :, 0].tolist()
+      [0.5, 1.5]
+    """
+    check_float_array(x, "x", ndim=(3, 4))
+    spatial = x.shape[1:-1]
+    size = (size,) * len(spatial) if isinstance(size, int) else tuple(size)
+    if len(size) != len(spatial) or any(not isinstance(k, int) or k < 1 for k in size):
+        raise ValueError(f"size must be a positive int or {len(spatial)} positive ints, "
+                         f"got {size!r}.")
+    out = x.astype(jnp.float32)
+    for axis, (n, k) in enumerate(zip(spatial, size), start=1):
+        o = jnp.arange(k)
+        start = (o * n) // k
+        stop = -((-(o + 1) * n) // k)
+        pos = jnp.arange(n)
+        m = ((pos[None, :] >= start[:, None]) & (pos[None, :] < stop[:, None]))
+        m = m / jnp.sum(m, axis=1, keepdims=True)
+        out = jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(out, axis, 0), axes=1), 0, axis)
+    return out
+
+
+def hcl(student: Sequence[chex.Array], teacher: Sequence[chex.Array],
+        levels: Sequence[int] = (4, 2, 1), *, weights: chex.Array | None = None,
+        reduction: str = "mean") -> chex.Array:
+    r"""ReviewKD's hierarchical context loss (HCL, Chen et al. CVPR 2021).
+
+    For each pair of (ABF-fused) student and teacher feature maps ``F^S_k, F^T_k``
+    (channels-last, same shape):
+
+    .. math::
+        \mathcal L = \sum_k \frac{\mathrm{MSE}(F^S_k, F^T_k) + \sum_{l} 2^{-j(l)}\,
+            \mathrm{MSE}(\mathrm{pool}_l F^S_k, \mathrm{pool}_l F^T_k)}
+            {1 + \sum_l 2^{-j(l)}}
+
+    where ``pool_l`` is adaptive average pooling to ``l x l`` for each ``l`` in
+    ``levels`` smaller than the map (``(4, 2, 1)`` in the reference), ``j(l) = 1, 2,
+    ...`` counts the levels used, and MSE is the mean over all elements (paper Sec. 3.3;
+    ``hcl`` in ``dvlab-research/ReviewKD``, reference weight 1.0 on CIFAR/ImageNet).
+    Levels are skipped when ``l >= `` the first spatial size, as the reference. Vectors
+    ``[B, D]`` take the plain MSE. Works for 1-D ``[B, L, C]`` maps too.
+
+    Per example: every MSE is a mean over examples of per-example means, so
+    ``l_i`` is the same expression on example ``i`` and ``weights``/``reduction``
+    follow :func:`kdjax.losses._utils.reduce_per_example`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from kdjax.losses import hcl
+      >>> f = jnp.ones((2, 8, 8, 3))
+      >>> float(hcl([f], [f]))
+      0.0
+
+    Args:
+      student: a sequence of student maps (outputs of the ABF fusion, see
+        :class:`kdjax.models.adapters.ABF` and the ``reviewkd`` method).
+      teacher: the matching teacher maps (stop their gradient in a step).
+      levels: pooled sizes of the context hierarchy.
+      weights, reduction: per-example weights and reduction.
+
+    References:
+      Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021,
+      arXiv:2104.09044.
+    """
+    if isinstance(student, jnp.ndarray) or not isinstance(student, (list, tuple)):
+        raise ValueError(f"student must be a list or tuple of feature maps, got "
+                         f"{type(student).__name__}.")
+    if not isinstance(teacher, (list, tuple)) or len(teacher) != len(student) or not student:
+        raise ValueError(f"teacher must be a non-empty list of the same length as student "
+                         f"({len(student)}), got {teacher!r:.80}.")
+    if not levels or any(not isinstance(v, int) or v < 1 for v in levels):
+        raise ValueError(f"levels must be positive ints, got {levels!r}.")
+    total = 0.0
+    for k, (fs, ft) in enumerate(zip(student, teacher)):
+        _check_pair(fs, ft, names=(f"student[{k}]", f"teacher[{k}]"))
+        check_same_shape(fs, ft, f"student[{k}]", f"teacher[{k}]")
+        fs, ft = fs.astype(jnp.float32), ft.astype(jnp.float32)
+        loss = _per_example_mean((fs - ft) ** 2)
+        cnt, tot = 1.0, 1.0
+        if fs.ndim > 2:
+            for lv in levels:
+                if lv >= fs.shape[1]:
+                    continue
+                cnt /= 2.0
+                ps, pt = adaptive_avg_pool(fs, lv), adaptive_avg_pool(ft, lv)
+                loss = loss + cnt * _per_example_mean((ps - pt) ** 2)
+                tot += cnt
+        total = total + loss / tot
+    return reduce_per_example(total, weights, reduction)

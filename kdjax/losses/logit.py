@@ -25,9 +25,12 @@ from kdjax._checks import (
     check_positive,
     check_same_shape,
 )
-from kdjax.losses._utils import reduce_per_example
+from kdjax.losses._utils import multiplicities, reduce_per_example
 
-__all__ = ["kd", "cross_entropy", "kl_to_teacher", "dkd", "dist", "standardize_logits"]
+__all__ = ["kd", "cross_entropy", "kl_to_teacher", "dkd", "dist", "standardize_logits",
+           "mlkd", "MLKD_TEMPERATURES"]
+
+MLKD_TEMPERATURES = (2.0, 3.0, 4.0, 5.0, 6.0)
 
 
 def _check_logit_pair(student_logits, teacher_logits):
@@ -245,17 +248,27 @@ def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Arr
     return reduce_per_example(per_example, weights, reduction)
 
 
-def _pearson_rows(a, b, eps):
-    a = a - jnp.mean(a, axis=-1, keepdims=True)
-    b = b - jnp.mean(b, axis=-1, keepdims=True)
-    # optax.safe_norm: ||.||_2 with a zero (not NaN) gradient at 0
-    return jnp.sum(a * b, axis=-1) / (optax.safe_norm(a, 0.0, axis=-1) *
-                                      optax.safe_norm(b, 0.0, axis=-1) + eps)
+def _pearson_rows(a, b, eps, w=None):
+    """Pearson correlation of the rows of ``a`` and ``b``, optionally with weights ``w``
+    over the columns (weighted means and inner products)."""
+    if w is None:
+        w = jnp.ones((a.shape[-1],), jnp.float32)
+    w = w / jnp.sum(w)
+    a = a - (a @ w)[..., None]
+    b = b - (b @ w)[..., None]
+    sw = jnp.sqrt(w)
+    # optax.safe_norm: ||.||_2 with a zero (not NaN) gradient at 0; scaled so that the
+    # unweighted case is the reference's plain Pearson (the 1/C factors cancel but eps).
+    c = a.shape[-1]
+    na = optax.safe_norm(a * sw, 0.0, axis=-1) * jnp.sqrt(c)
+    nb = optax.safe_norm(b * sw, 0.0, axis=-1) * jnp.sqrt(c)
+    return c * ((a * b) @ w) / (na * nb + eps)
 
 
 def dist(student_logits: chex.Array, teacher_logits: chex.Array,
          beta: chex.Numeric = 1.0, gamma: chex.Numeric = 1.0,
-         temperature: chex.Numeric = 1.0, *, eps: float = 1e-8) -> chex.Array:
+         temperature: chex.Numeric = 1.0, *, weights: chex.Array | None = None,
+         eps: float = 1e-8) -> chex.Array:
     r"""DIST: relation (Pearson correlation) matching of predictions (Huang et al. 2022).
 
     With ``Y = softmax(Z / tau)`` (``[B, C]``) and ``rho`` the Pearson correlation:
@@ -271,10 +284,14 @@ def dist(student_logits: chex.Array, teacher_logits: chex.Array,
     weight 1 (2 on CIFAR). ``rho`` uses ``eps = 1e-8`` added to the product of norms, as
     the reference does, so constant rows give ``rho = 0`` instead of NaN.
 
-    The intra-class term couples the whole batch, so there are no per-example weights;
-    under data parallelism plain ``jit`` over sharded inputs gives the global-batch
-    value (what the paper's single-process formula means), a ``shard_map`` the
-    per-device one.
+    The intra-class term couples the whole batch: under data parallelism plain ``jit``
+    over sharded inputs gives the global-batch value (what the paper's single-process
+    formula means), a ``shard_map`` the per-device one. ``weights`` are therefore
+    example multiplicities (:func:`kdjax.losses._utils.multiplicities`): the
+    inter-class mean becomes ``sum_i w_i rho_i / sum_i w_i`` and each intra-class
+    correlation is the ``w``-weighted Pearson correlation over the batch (weighted
+    means, covariances and variances), i.e. integer weights give the loss of the batch
+    with row ``i`` repeated ``w_i`` times.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -286,6 +303,7 @@ def dist(student_logits: chex.Array, teacher_logits: chex.Array,
     Args:
       student_logits, teacher_logits: ``[batch, classes]``.
       beta: inter-class weight. gamma: intra-class weight. temperature: ``tau > 0``.
+      weights: optional ``[batch]`` example multiplicities (see above).
       eps: added to the norm product in the correlation.
 
     References:
@@ -298,6 +316,85 @@ def dist(student_logits: chex.Array, teacher_logits: chex.Array,
     check_nonnegative(gamma, "gamma")
     ys = jax.nn.softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     yt = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-    inter = 1.0 - jnp.mean(_pearson_rows(ys, yt, eps))
-    intra = 1.0 - jnp.mean(_pearson_rows(ys.T, yt.T, eps))
+    w = multiplicities(weights, ys.shape[0])
+    inter = 1.0 - (w @ _pearson_rows(ys, yt, eps)) / jnp.sum(w)
+    intra = 1.0 - jnp.mean(_pearson_rows(ys.T, yt.T, eps, w))
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+def mlkd(student_logits: chex.Array, teacher_logits: chex.Array,
+         temperatures=MLKD_TEMPERATURES, *, instance_weight: chex.Numeric = 1.0,
+         batch_weight: chex.Numeric = 1.0, class_weight: chex.Numeric = 1.0,
+         weights: chex.Array | None = None) -> chex.Array:
+    r"""Multi-level logit distillation (MLKD, Jin, Wang, Lin, CVPR 2023).
+
+    Predictions are "augmented" by several temperatures; at each ``tau`` with
+    ``P = softmax(Z / tau)`` (``[B, C]``) three alignments are summed:
+
+    .. math::
+        \mathcal L = \sum_{\tau} \Big[\lambda_I\,\tau^2\,\frac1B\sum_i
+            \mathrm{KL}(P^T_i \| P^S_i)
+          + \lambda_B\,\frac1B\,\big\|P^T P^{T\top} - P^S P^{S\top}\big\|_F^2
+          + \lambda_C\,\frac1C\,\big\|P^{T\top} P^T - P^{S\top} P^S\big\|_F^2\Big]
+
+    instance-level (KL per example, paper Eq. 2-3), batch-level (``B x B``
+    sample-relation Gram matrices, Eq. 4-5) and class-level (``C x C`` class-relation
+    Gram matrices, Eq. 6-7). Normalisations as the authors' code
+    (``Jin-Ying/Multi-Level-Logit-Distillation``, ``kd_loss``/``bc_loss``/``cc_loss``):
+    ``tau^2`` on the KL only, the batch term divided by ``B``, the class term by ``C``,
+    temperatures ``{2, 3, 4, 5, 6}`` (their ``self.temperature = 4`` plus 2, 3, 5, 6),
+    each term summed over temperatures with weight 1.
+
+    What is included: the loss of one view. Not included (data pipeline, not loss): the
+    reference trains on a weak and a strong augmentation of each image and sums this
+    loss over both views, and masks each term by teacher confidence (rows/classes whose
+    teacher confidence is below the batch median are dropped). Pass ``weights`` (e.g. a
+    0/1 confidence mask) to reproduce the masking of the instance and batch terms.
+
+    Weights (``[B]``, ``>= 0``) are example multiplicities (the batch and class terms
+    couple the batch): the KL mean is ``sum_i w_i KL_i / sum_i w_i``, the batch term
+    ``sum_ij w_i w_j (G^T_ij - G^S_ij)^2 / sum_i w_i``, and the class Gram matrices
+    are ``sum_i w_i p_i p_i^T``; integer weights give the loss of the batch with row
+    ``i`` repeated ``w_i`` times.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from kdjax.losses import mlkd
+      >>> z = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+      >>> float(mlkd(z, z))
+      0.0
+
+    Args:
+      student_logits, teacher_logits: ``[batch, classes]``.
+      temperatures: a non-empty sequence of positive temperatures.
+      instance_weight, batch_weight, class_weight: ``lambda_I, lambda_B, lambda_C``
+        (reference: 1, 1, 1).
+      weights: optional ``[batch]`` example multiplicities.
+
+    References:
+      Jin, Wang, Lin, "Multi-Level Logit Distillation", CVPR 2023.
+    """
+    _check_logit_pair(student_logits, teacher_logits)
+    temps = tuple(temperatures) if isinstance(temperatures, (list, tuple)) else None
+    if not temps:
+        raise ValueError(f"temperatures must be a non-empty list or tuple of positive "
+                         f"floats, got {temperatures!r}.")
+    for t in temps:
+        check_positive(t, "temperatures")
+    for v, n in ((instance_weight, "instance_weight"), (batch_weight, "batch_weight"),
+                 (class_weight, "class_weight")):
+        check_nonnegative(v, n)
+    w = multiplicities(weights, student_logits.shape[0])
+    total_w = jnp.sum(w)
+    num_classes = student_logits.shape[-1]
+    total = jnp.zeros((), jnp.float32)
+    for tau in temps:
+        kl = tau**2 * (w @ kl_to_teacher(student_logits, teacher_logits, tau)) / total_w
+        ps = jax.nn.softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
+        pt = jax.nn.softmax(teacher_logits.astype(jnp.float32) / tau, axis=-1)
+        batch_term = (w @ ((pt @ pt.T - ps @ ps.T) ** 2) @ w) / total_w
+        class_gram = lambda p: (p * w[:, None]).T @ p  # noqa: E731
+        class_term = jnp.sum((class_gram(pt) - class_gram(ps)) ** 2) / num_classes
+        total = total + (instance_weight * kl + batch_weight * batch_term
+                         + class_weight * class_term)
+    return total

@@ -13,6 +13,16 @@ parallelism:
 
 Inputs are ``[B, ...]`` features, flattened to ``[B, D]`` where a method works on
 vectors. All math is float32.
+
+Weights: every loss takes ``weights`` (``[B]``, ``>= 0``). For the batch-coupled ones
+(SP, CC, RKD, PKT) they are example *multiplicities*
+(:func:`kdjax.losses._utils.multiplicities`): pair sums ``sum_ij`` become
+``sum_ij w_i w_j``, triplet sums get ``w_i w_j w_k``, in-batch normalisers (SP's and
+PKT's row sums, RKD's mean distance) are weighted the same way, and the batch size
+``B`` becomes ``sum_i w_i``. With integer weights SP, CC (Taylor), PKT and the RKD angle
+term equal the unweighted loss on the batch with row ``i`` repeated ``w_i`` times
+(tested); each docstring writes its weighted formula. CRD's weights are per anchor
+(``(1/B) sum_i w_i l_i``, KD-AIF's convention).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from kdjax._checks import (
     check_same_leading,
     check_same_shape,
 )
-from kdjax.losses._utils import reduce_per_example
+from kdjax.losses._utils import multiplicities, reduce_per_example
 
 __all__ = [
     "similarity_preserving",
@@ -90,12 +100,17 @@ def _check_pair(student, teacher, names=("student", "teacher"), min_ndim=2):
     check_same_leading(student, teacher, *names)
 
 
-def similarity_preserving(student: chex.Array, teacher: chex.Array) -> chex.Array:
+def similarity_preserving(student: chex.Array, teacher: chex.Array, *,
+                          weights: chex.Array | None = None) -> chex.Array:
     r"""Similarity-preserving KD (SP, Tung & Mori 2019).
 
     With ``F`` the batch of flattened features (``[B, D]``) and ``G = rownorm_2(F F^T)``:
 
     .. math:: \mathcal{L}_{SP} = \frac{1}{B^2}\,\| G^S - G^T \|_F^2
+
+    Weighted (multiplicities ``w``, see the module docstring):
+    ``G_ij = A_ij / max(sqrt(sum_k w_k A_ik^2), 1e-12)`` with ``A = F F^T`` and
+    ``L = sum_ij w_i w_j (G^S_ij - G^T_ij)^2 / (sum_i w_i)^2``.
 
     (paper eq. (3)-(4)); rows L2-normalised as in the paper and RepDistiller
     (torchdistill normalises by the L1 norm, see METHODS.md). Reference weight 3000.
@@ -115,15 +130,21 @@ def similarity_preserving(student: chex.Array, teacher: chex.Array) -> chex.Arra
     """
     _check_pair(student, teacher)
     fs, ft = _flat32(student), _flat32(teacher)
-    gs = _l2_normalize(fs @ fs.T)
-    gt = _l2_normalize(ft @ ft.T)
-    b = fs.shape[0]
-    return jnp.sum((gs - gt) ** 2) / (b * b)
+    w = _global_batch(multiplicities(weights, fs.shape[0]))
+
+    def rownorm(g):   # x / max(||x||_w, eps): finite gradient at 0
+        sq = (g * g) @ w
+        ok = sq > _EPS * _EPS
+        return g / jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), _EPS)[:, None]
+
+    gs, gt = rownorm(fs @ fs.T), rownorm(ft @ ft.T)
+    return (w @ ((gs - gt) ** 2) @ w) / jnp.sum(w) ** 2
 
 
 def correlation_congruence(student: chex.Array, teacher: chex.Array,
                            variant: str = "taylor", gamma: chex.Numeric = 0.4,
-                           order: int = 2) -> chex.Array:
+                           order: int = 2, *,
+                           weights: chex.Array | None = None) -> chex.Array:
     r"""Correlation congruence KD (CC, Peng et al. 2019).
 
     ``variant="taylor"`` (the paper, eq. (7)-(9)): embeddings are L2-normalised and the
@@ -139,7 +160,10 @@ def correlation_congruence(student: chex.Array, teacher: chex.Array,
     ``delta = |f^S - f^T|``, ``L = mean_{i<B} sum_d delta_{i,d} delta_{i+1,d}``; it is
     not the paper's formula (it correlates consecutive samples' residuals).
 
-    Both are batch-level (see the module docstring).
+    Both are batch-level (see the module docstring). Weighted (multiplicities ``w``):
+    Taylor ``L = sum_ij w_i w_j (Psi^T_ij - Psi^S_ij)^2 / (sum_i w_i)^2``;
+    RepDistiller ``L = sum_i w_i w_{i+1} <delta_i, delta_{i+1}> / sum_i w_i w_{i+1}``
+    (consecutive pairs: no repeated-rows identity for this variant).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -160,8 +184,10 @@ def correlation_congruence(student: chex.Array, teacher: chex.Array,
         if fs.shape[0] < 2:
             raise ValueError(f"student must have a batch of >= 2 for variant='repdistiller', "
                              f"got shape {student.shape}.")
+        w = _global_batch(multiplicities(weights, fs.shape[0]))
         delta = jnp.abs(fs - ft)
-        return jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=-1))
+        ww = w[:-1] * w[1:]
+        return ww @ jnp.sum(delta[:-1] * delta[1:], axis=-1) / jnp.maximum(jnp.sum(ww), _EPS)
     check_positive(gamma, "gamma")
     if not isinstance(order, int) or order < 0:
         raise ValueError(f"order must be a non-negative int, got {order!r}.")
@@ -174,8 +200,8 @@ def correlation_congruence(student: chex.Array, teacher: chex.Array,
             out = out + (2.0 * gamma) ** p / math.factorial(p) * g**p
         return jnp.exp(-2.0 * gamma) * out
 
-    b = fs.shape[0]
-    return jnp.sum((psi(ft) - psi(fs)) ** 2) / (b * b)
+    w = _global_batch(multiplicities(weights, fs.shape[0]))
+    return (w @ ((psi(ft) - psi(fs)) ** 2) @ w) / jnp.sum(w) ** 2
 
 
 def _pairwise_distances(e, eps=_EPS):
@@ -187,24 +213,33 @@ def _pairwise_distances(e, eps=_EPS):
     return jnp.where(jnp.eye(e.shape[0], dtype=bool), 0.0, d)
 
 
-def _mean_normalise(d):
-    pos = d > 0
+def _mean_normalise(d, ww):
+    pos = (d > 0) * ww
     count = jnp.sum(pos)
-    mean = jnp.sum(jnp.where(pos, d, 0.0)) / jnp.maximum(count, 1)
+    mean = jnp.sum(pos * d) / jnp.where(count > 0, count, 1.0)
     return d / jnp.where(count > 0, mean, 1.0)
 
 
-def rkd_distance(student: chex.Array, teacher: chex.Array) -> chex.Array:
+def rkd_distance(student: chex.Array, teacher: chex.Array, *,
+                 weights: chex.Array | None = None) -> chex.Array:
     r"""RKD distance term: ``mean_{i,j} huber(psi^S_ij, psi^T_ij)``, ``psi = d / mean d``.
 
     ``d`` are Euclidean distances between flattened embeddings, ``mean d`` the mean over
     positive (off-diagonal) distances; Huber = smooth-L1 with ``delta = 1``; mean over
     all ``B^2`` entries (RepDistiller ``RKDLoss``). Paper eq. (4)-(5).
+
+    Weighted (multiplicities ``w``): ``mean d = sum_{ij: d_ij>0} w_i w_j d_ij /
+    sum_{ij: d_ij>0} w_i w_j`` and ``L = sum_ij w_i w_j huber_ij / (sum_i w_i)^2``.
+    (A batch with repeated rows differs slightly: its duplicate pairs, at distance
+    ``~0``, enter the reference's mean distance; here a row is not paired with itself.)
     """
     _check_pair(student, teacher)
-    ds = _mean_normalise(_pairwise_distances(_flat32(student)))
-    dt = _mean_normalise(_pairwise_distances(_flat32(teacher)))
-    return jnp.mean(optax.huber_loss(ds, dt, delta=1.0))
+    fs, ft = _flat32(student), _flat32(teacher)
+    w = _global_batch(multiplicities(weights, fs.shape[0]))
+    ww = w[:, None] * w[None, :]
+    ds = _mean_normalise(_pairwise_distances(fs), ww)
+    dt = _mean_normalise(_pairwise_distances(ft), ww)
+    return jnp.sum(ww * optax.huber_loss(ds, dt, delta=1.0)) / jnp.sum(w) ** 2
 
 
 def _angles(e, i):
@@ -213,7 +248,8 @@ def _angles(e, i):
     return v @ v.T
 
 
-def rkd_angle(student: chex.Array, teacher: chex.Array) -> chex.Array:
+def rkd_angle(student: chex.Array, teacher: chex.Array, *,
+              weights: chex.Array | None = None) -> chex.Array:
     r"""RKD angle term: ``mean_{i,j,k} huber(cos angle^S_{ijk}, cos angle^T_{ijk})``.
 
     ``cos angle_{ijk} = <n(e_j - e_i), n(e_k - e_i)>`` with ``n`` the L2 normalisation
@@ -222,28 +258,37 @@ def rkd_angle(student: chex.Array, teacher: chex.Array) -> chex.Array:
     of anchors (``lax.map`` with ``batch_size`` and a rematerialised body), each chunk
     holding about ``2^22`` angles, so memory stays ``O(max(B^2, 2^22) + B D)`` instead
     of the reference's ``O(B^3 + B^2 D)``.
+
+    Weighted (multiplicities ``w``):
+    ``L = sum_ijk w_i w_j w_k huber_ijk / (sum_i w_i)^3``; equal to the unweighted loss
+    on the batch with rows repeated ``w_i`` times (a duplicate of the anchor gives a
+    zero vector, like the anchor itself).
     """
     _check_pair(student, teacher)
     es, et = _flat32(student), _flat32(teacher)
+    w = _global_batch(multiplicities(weights, es.shape[0]))
 
     @jax.checkpoint
     def per_anchor(i):
-        return jnp.sum(optax.huber_loss(_angles(es, i), _angles(et, i), delta=1.0))
+        h = optax.huber_loss(_angles(es, i), _angles(et, i), delta=1.0)
+        return w[i] * (w @ h @ w)
 
     b = es.shape[0]
     chunk = max(1, min(b, _ANGLE_CHUNK_ELEMENTS // (b * b)))
     sums = jax.lax.map(per_anchor, jnp.arange(b), batch_size=chunk)
-    return jnp.sum(sums) / float(b) ** 3
+    return jnp.sum(sums) / jnp.sum(w) ** 3
 
 
 def rkd(student: chex.Array, teacher: chex.Array, distance_weight: chex.Numeric = 25.0,
-        angle_weight: chex.Numeric = 50.0) -> chex.Array:
+        angle_weight: chex.Numeric = 50.0, *,
+        weights: chex.Array | None = None) -> chex.Array:
     r"""Relational KD (RKD, Park et al. 2019): ``w_d L_distance + w_a L_angle``.
 
     See :func:`rkd_distance` and :func:`rkd_angle`. Reference (RepDistiller, paper):
     ``w_d = 25``, ``w_a = 50``, outer weight 1, embeddings = the pooled features.
     Zero distances (duplicate samples, the diagonal) are clamped to ``1e-12`` before the
-    square root and the diagonal is zeroed, so gradients stay finite. Batch-level.
+    square root and the diagonal is zeroed, so gradients stay finite. Batch-level;
+    ``weights``: see the two terms.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -258,11 +303,12 @@ def rkd(student: chex.Array, teacher: chex.Array, distance_weight: chex.Numeric 
     """
     check_nonnegative(distance_weight, "distance_weight")
     check_nonnegative(angle_weight, "angle_weight")
-    return (distance_weight * rkd_distance(student, teacher)
-            + angle_weight * rkd_angle(student, teacher))
+    return (distance_weight * rkd_distance(student, teacher, weights=weights)
+            + angle_weight * rkd_angle(student, teacher, weights=weights))
 
 
-def pkt(student: chex.Array, teacher: chex.Array, eps: float = 1e-7) -> chex.Array:
+def pkt(student: chex.Array, teacher: chex.Array, eps: float = 1e-7, *,
+        weights: chex.Array | None = None) -> chex.Array:
     r"""Probabilistic knowledge transfer (PKT, Passalis & Tefas 2018), cosine kernel.
 
     ``x_i <- x_i / (||x_i|| + eps)``; ``K = (1 + X X^T) / 2``; ``P = K / rowsum(K)``:
@@ -273,6 +319,8 @@ def pkt(student: chex.Array, teacher: chex.Array, eps: float = 1e-7) -> chex.Arr
 
     (paper eq. (8)-(10) with the cosine kernel; the mean over ``B x B`` and ``eps = 1e-7``
     follow RepDistiller's ``PKT``, whose weight 30000 assumes the mean). Batch-level.
+    Weighted (multiplicities ``w``): ``P_ij = K_ij / sum_k w_k K_ik`` and
+    ``L = sum_ij w_i w_j P^T_ij log((P^T_ij + eps) / (P^S_ij + eps)) / (sum_i w_i)^2``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -287,15 +335,17 @@ def pkt(student: chex.Array, teacher: chex.Array, eps: float = 1e-7) -> chex.Arr
     """
     _check_pair(student, teacher)
     check_positive(eps, "eps")
+    fs, ft = _flat32(student), _flat32(teacher)
+    w = _global_batch(multiplicities(weights, fs.shape[0]))
 
     def probs(f):
         # optax.safe_norm: a zero row stays 0 with a zero (not NaN) gradient
         f = f / (optax.safe_norm(f, 0.0, axis=-1, keepdims=True) + eps)
         k = (f @ f.T + 1.0) / 2.0
-        return k / jnp.sum(k, axis=-1, keepdims=True)
+        return k / (k @ w)[:, None]
 
-    ps, pt = probs(_flat32(student)), probs(_flat32(teacher))
-    return jnp.mean(pt * jnp.log((pt + eps) / (ps + eps)))
+    ps, pt = probs(fs), probs(ft)
+    return (w @ (pt * jnp.log((pt + eps) / (ps + eps))) @ w) / jnp.sum(w) ** 2
 
 
 def _check_embeddings(student_emb, teacher_emb):

@@ -12,10 +12,11 @@ queue are *batch-level*: the value depends on which examples form "the batch".
   the whole global batch.
 * Per-device batch (what the CoSS authors ran, PyTorch DDP: every GPU computes the
   loss on its own shard and gradients are averaged, i.e. the objective is the mean over
-  devices of per-shard losses): wrap the loss with :func:`per_device` (``jax.shard_map``)
-  or, inside your own ``shard_map``/``pmap``, pass ``axis_name``.
-  :func:`per_group` gives the same numbers without a mesh by splitting the batch into
-  ``num_groups`` contiguous groups (``num_groups = device count`` reproduces DDP).
+  devices of per-shard losses): wrap the loss with :func:`kdjax.losses.per_device`
+  (``jax.shard_map``) or, inside your own ``shard_map``/``pmap``, pass ``axis_name``.
+  :func:`kdjax.losses.per_group` gives the same numbers without a mesh by splitting the
+  batch into ``num_groups`` contiguous groups (``num_groups = device count`` reproduces
+  DDP). Both live in :mod:`kdjax.losses.batch`.
 
 All math is in float32 whatever the input dtype. Zero-norm rows/columns are handled as
 ``torch.nn.functional.normalize`` does (``x / max(||x||, eps)``, ``eps = 1e-12``) with
@@ -23,8 +24,6 @@ All math is in float32 whatever the input dtype. Zero-norm rows/columns are hand
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import chex
 import jax
@@ -39,14 +38,13 @@ from kdjax._checks import (
     check_positive,
     check_same_shape,
 )
-from kdjax.losses._utils import reduce_per_example
+from kdjax.losses._utils import multiplicities, reduce_per_example
 
 __all__ = [
     "coss",
     "space_similarity",
     "cosine_distillation",
-    "per_device",
-    "per_group",
+    "disco",
     "seed",
     "seed_queue_init",
     "seed_queue_update",
@@ -72,17 +70,34 @@ def _cosines(s: chex.Array, t: chex.Array, axis: int, eps: float) -> chex.Array:
     return jnp.sum(s * t, axis=axis)
 
 
+def _column_cosines(s: chex.Array, t: chex.Array, w: chex.Array, eps: float) -> chex.Array:
+    r"""Weighted column cosines ``sum_i w_i s_ij t_ij / (||s_:j||_w ||t_:j||_w)``,
+    ``||v||_w = max(sqrt(sum_i w_i v_i^2), eps)`` (finite gradient at 0); ``[dim]``."""
+    s, t = s.astype(jnp.float32), t.astype(jnp.float32)
+
+    def norm(x):
+        sq = w @ (x * x)
+        ok = sq > eps * eps
+        return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), eps)
+
+    return (w @ (s * t)) / (norm(s) * norm(t))
+
+
 def _maybe_pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 def space_similarity(student_emb: chex.Array, teacher_emb: chex.Array, *,
-                     eps: float = _EPS, axis_name: str | None = None) -> chex.Array:
+                     weights: chex.Array | None = None, eps: float = _EPS,
+                     axis_name: str | None = None) -> chex.Array:
     r"""CoSS space-similarity term ``L_ss = -(1/D) sum_j cos(T_{:,j}, S_{:,j})``.
 
     Each feature column (``[batch]``) is L2-normalised across the batch; there is no
     mean-centring, so this is not a Pearson correlation. Unscaled (in ``[-1, 1]``);
-    :func:`coss` adds the temperatures.
+    :func:`coss` adds the temperatures. Weighted (multiplicities ``w``, as a batch with
+    row ``i`` repeated ``w_i`` times): the column inner products and norms are
+    ``sum_i w_i s_ij t_ij`` and ``sqrt(sum_i w_i s_ij^2)``; the loss does not change
+    when all weights are scaled by the same factor.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -100,7 +115,9 @@ def space_similarity(student_emb: chex.Array, teacher_emb: chex.Array, *,
     """
     _check_pair(student_emb, teacher_emb)
     check_positive(eps, "eps")
-    return _maybe_pmean(-jnp.mean(_cosines(student_emb, teacher_emb, 0, eps)), axis_name)
+    w = multiplicities(weights, student_emb.shape[0])
+    return _maybe_pmean(-jnp.mean(_column_cosines(student_emb, teacher_emb, w, eps)),
+                        axis_name)
 
 
 def cosine_distillation(student_emb: chex.Array, teacher_emb: chex.Array,
@@ -148,7 +165,8 @@ def cosine_distillation(student_emb: chex.Array, teacher_emb: chex.Array,
 
 def coss(student_emb: chex.Array, teacher_emb: chex.Array, l0: chex.Numeric = 1.0,
          l1: chex.Numeric = 1.0, tau_t: chex.Numeric = 0.07, tau_s: chex.Numeric = 0.1,
-         *, eps: float = _EPS, axis_name: str | None = None) -> chex.Array:
+         *, weights: chex.Array | None = None, eps: float = _EPS,
+         axis_name: str | None = None) -> chex.Array:
     r"""CoSS: cosine similarity plus space similarity (Singh & Wang, ECCV 2024).
 
     .. math::
@@ -168,9 +186,13 @@ def coss(student_emb: chex.Array, teacher_emb: chex.Array, l0: chex.Numeric = 1.
 
     Batch semantics: ``L_ss`` depends on the batch. The authors build batches of
     teacher-nearest neighbours (:mod:`kdjax.data.neighbors`) and compute the loss per
-    GPU under DDP; use :func:`per_device`, :func:`per_group` or ``axis_name`` for that,
-    plain ``jit`` for the global batch. Not per-example: there is no ``weights``
-    argument, because the column term has no per-example decomposition.
+    GPU under DDP; use :func:`kdjax.losses.per_device`, :func:`kdjax.losses.per_group` or ``axis_name`` for that,
+    plain ``jit`` for the global batch.
+
+    Weights (``[B]``, ``>= 0``) are example multiplicities (the column term has no
+    per-example decomposition): ``L_co = -sum_i w_i cos_i / sum_i w_i`` and ``L_ss``
+    uses the weighted column cosines of :func:`space_similarity`, so integer weights
+    give the loss of the batch with row ``i`` repeated ``w_i`` times.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -186,6 +208,7 @@ def coss(student_emb: chex.Array, teacher_emb: chex.Array, l0: chex.Numeric = 1.
       l1: weight of ``L_ss`` (scripts: 1; ``tools/opts.py`` default 0.5 is overridden).
       tau_t: teacher temperature (0.07).
       tau_s: student temperature (0.1).
+      weights: optional ``[batch]`` example multiplicities (see above).
       eps: minimum row/column norm.
       axis_name: if given, the per-shard loss is ``lax.pmean``-ed over this axis.
 
@@ -193,107 +216,62 @@ def coss(student_emb: chex.Array, teacher_emb: chex.Array, l0: chex.Numeric = 1.
       A float32 scalar.
     """
     _check_pair(student_emb, teacher_emb)
+    w = multiplicities(weights, student_emb.shape[0])
     check_nonnegative(l0, "l0")
     check_nonnegative(l1, "l1")
     check_positive(tau_t, "tau_t")
     check_positive(tau_s, "tau_s")
     check_positive(eps, "eps")
-    l_co = -jnp.mean(_cosines(student_emb, teacher_emb, 1, eps))
-    l_ss = -jnp.mean(_cosines(student_emb, teacher_emb, 0, eps))
+    l_co = -(w @ _cosines(student_emb, teacher_emb, 1, eps)) / jnp.sum(w)
+    l_ss = -jnp.mean(_column_cosines(student_emb, teacher_emb, w, eps))
     return _maybe_pmean((l0 * l_co + l1 * l_ss) / (tau_t * tau_s), axis_name)
 
 
-def per_device(loss_fn: Callable[..., chex.Array], mesh: jax.sharding.Mesh,
-               axis_name: str = "data") -> Callable[..., chex.Array]:
-    """Per-device batch semantics of a two-embedding loss, with ``jax.shard_map``.
+def disco(student_emb: chex.Array, teacher_emb: chex.Array, *,
+          normalize_teacher: bool = True, weights: chex.Array | None = None,
+          reduction: str = "mean", eps: float = _EPS) -> chex.Array:
+    r"""DisCo: the student's final embedding mimics the teacher's (Gao et al., ECCV 2022).
 
-    ``per_device(coss, mesh)(student_emb, teacher_emb, **kwargs)`` splits both arrays
-    along the batch over ``mesh`` axis ``axis_name``, evaluates ``loss_fn`` on each
-    shard and returns the mean over devices, i.e. what PyTorch DDP optimises when every
-    GPU computes the loss on its own batch (the CoSS setup). Keyword arguments are
-    passed through as constants. The batch must divide by the axis size.
+    .. math::
+        l_i = \frac1D\,\big\|\hat s_i - \hat t_i\big\|_2^2,\qquad
+        \hat s_i = \frac{s_i}{\max(\|s_i\|, \epsilon)},\
+        \hat t_i = \frac{t_i}{\max(\|t_i\|, \epsilon)}
 
-    Examples:
-      >>> import jax
-      >>> from kdjax.losses import coss, per_device
-      >>> mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-      >>> x = jax.numpy.ones((4, 3))
-      >>> round(float(per_device(coss, mesh)(x, x, tau_t=1.0, tau_s=1.0)), 6)
-      -2.0
-    """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"axis_name must be one of the mesh axes {tuple(mesh.axis_names)}, "
-            f"got {axis_name!r}."
-        )
-    n = mesh.shape[axis_name]
-    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[axis_name]
-    explicit = axis_type == jax.sharding.AxisType.Explicit
+    the consistency regularisation of "DisCo: Remedy Self-supervised Learning on
+    Lightweight Models with Distilled Contrastive Learning" (arXiv:2104.09124, Eq. 3):
+    an MSE between the L2-normalised final (projection-head) embeddings of the student
+    and of the frozen teacher on the *same* augmented view; ``1/D`` because the
+    reference uses ``nn.MSELoss()`` (mean over all ``B x D`` elements). Equivalently
+    ``l_i = (2 - 2 cos(s_i, t_i)) / D`` when both are normalised. In the paper it is
+    added to the student's own contrastive (MoCo-v2) loss with weight 1; here it is the
+    distillation term alone.
 
-    def wrapped(student_emb, teacher_emb, **kwargs):
-        _check_pair(student_emb, teacher_emb)
-        if student_emb.shape[0] % n:
-            raise ValueError(
-                f"student_emb batch must be divisible by the {n} devices on mesh axis "
-                f"{axis_name!r}, got batch {student_emb.shape[0]}."
-            )
-
-        def shard_loss(s, t):
-            return jax.lax.pmean(loss_fn(s, t, **kwargs), axis_name)
-
-        mapped = jax.shard_map(shard_loss, mesh=mesh, in_specs=(P(axis_name), P(axis_name)),
-                               out_specs=P())
-        if explicit:  # explicit-sharding mesh (jax.make_mesh's default): reshard first
-            sharding = jax.sharding.NamedSharding(mesh, P(axis_name))
-            student_emb = jax.reshard(student_emb, sharding)
-            teacher_emb = jax.reshard(teacher_emb, sharding)
-        # Under jit (auto axes), inputs not yet sharded this way are resharded by XLA.
-        return jax.jit(mapped)(student_emb, teacher_emb)
-
-    return wrapped
-
-
-def per_group(loss_fn: Callable[..., chex.Array],
-              num_groups: int) -> Callable[..., chex.Array]:
-    """Mean of ``loss_fn`` over ``num_groups`` contiguous equal slices of the batch.
-
-    Equals :func:`per_device` on ``num_groups`` devices (contiguous shards), without a
-    mesh: the batch ``[B, D]`` is reshaped to ``[G, B/G, D]`` and ``loss_fn`` is
-    ``vmap``-ed over groups. Under ``jit`` with the batch sharded over ``G`` devices
-    each group stays on its device. ``num_groups=1`` is the plain loss.
+    Deviation flag: the released code (``Yuting-Gao/DisCo-pytorch``,
+    ``moco/my_builder.py``) normalises the teacher embedding into a misspelt variable
+    and returns the *unnormalised* one; ``normalize_teacher=False`` reproduces that.
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from kdjax.losses import coss, per_group
-      >>> x = jnp.arange(12.0).reshape(4, 3)
-      >>> round(float(per_group(coss, 2)(x, x, tau_t=1.0, tau_s=1.0)), 6)
-      -2.0
+      >>> from kdjax.losses import disco
+      >>> s = jnp.array([[3.0, 4.0], [1.0, 0.0]])
+      >>> float(disco(s, 2.0 * s))
+      0.0
+
+    Args:
+      student_emb: ``[batch, dim]`` student embedding (projected to the teacher dim).
+      teacher_emb: ``[batch, dim]`` teacher embedding (stop its gradient in a step).
+      normalize_teacher: L2-normalise the teacher embedding (the paper) or not (code).
+      weights, reduction: per-example weights (``(1/B) sum_i w_i l_i``) and reduction.
+      eps: minimum norm.
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
-
-    def wrapped(student_emb, teacher_emb, **kwargs):
-        _check_pair(student_emb, teacher_emb)
-        b, d = student_emb.shape
-        if b % num_groups:
-            raise ValueError(
-                f"student_emb batch must be divisible by num_groups={num_groups}, "
-                f"got batch {b}."
-            )
-        if num_groups == 1:
-            return loss_fn(student_emb, teacher_emb, **kwargs)
-        shape = (num_groups, b // num_groups, d)
-        values = jax.vmap(lambda s, t: loss_fn(s, t, **kwargs))(
-            student_emb.reshape(shape), teacher_emb.reshape(shape))
-        return jnp.mean(values.astype(jnp.float32))
-
-    return wrapped
+    _check_pair(student_emb, teacher_emb)
+    check_positive(eps, "eps")
+    s = _normalize(student_emb.astype(jnp.float32), 1, eps)
+    t = teacher_emb.astype(jnp.float32)
+    if normalize_teacher:
+        t = _normalize(t, 1, eps)
+    per_example = jnp.mean((s - t) ** 2, axis=-1)
+    return reduce_per_example(per_example, weights, reduction)
 
 
 # --- SEED ------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},
 register(Method("kd", stateless(_kd), options={"temperature": 4.0}, default_weight=0.9,
                 doc="Hinton KD, tau^2 KL(p_T || p_S)"))
 
-_FAMILIES = ("zoo", "kd2m", "coss", "faithful", "robust")
+_FAMILIES = ("zoo", "kd2m", "coss", "faithful", "robust", "shiftkd")
 _loaded = False
 
 

@@ -18,6 +18,7 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Paraphraser",
     "Translator",
     "ABConnector",
+    "ABF",
 ]
 
 
@@ -173,3 +175,49 @@ class ABConnector(nn.Module):
         _check_feature(x, "student feature")
         return _layer(self.features, x.ndim)(x.astype(jnp.float32))
 
+
+def _resize_nearest(x, spatial):
+    """Nearest-neighbour resize of channels-last ``x`` to ``spatial`` (``F.interpolate``)."""
+    if tuple(x.shape[1:-1]) == tuple(spatial):
+        return x
+    return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), method="nearest")
+
+
+class ABF(nn.Module):
+    """ReviewKD's attention-based fusion (ABF, Chen et al. CVPR 2021, Fig. 3(b)).
+
+    ``x`` (a student stage, ``[B, *S, C_in]``) goes through a 1x1 conv to
+    ``mid_features``; with ``fuse`` the residual ``y`` coming from the deeper level
+    (``[B, *S', mid]``, resized to ``S`` by nearest neighbour) is mixed in with two
+    attention maps ``a = sigmoid(conv1x1([x, y]))`` (2 channels):
+    ``x <- x * a_0 + y * a_1``. The result is resized (nearest) to ``out_spatial`` (the
+    teacher stage's size) and a 3x3 conv maps it to ``out_features`` (the teacher's
+    channels). Returns ``(out, x)``: the map compared with the teacher by
+    :func:`kdjax.losses.hcl`, and the fused ``mid`` map passed to the next, shallower
+    level. As the reference (``dvlab-research/ReviewKD``, ``ABF``), the convolutions
+    have no bias, but without its BatchNorms (see the module docstring). Works on 1-D
+    ``[B, L, C]`` and 2-D maps.
+    """
+
+    mid_features: int
+    out_features: int
+    fuse: bool
+
+    @nn.compact
+    def __call__(self, x, y=None, out_spatial=None):
+        if x.ndim not in (3, 4):
+            raise ValueError(f"x must be [B, L, C] or [B, H, W, C], got shape {x.shape}.")
+        if self.fuse and y is None:
+            raise ValueError("ABF(fuse=True) needs the residual y of the deeper level.")
+        k = x.ndim - 2
+        x = nn.Conv(self.mid_features, (1,) * k, use_bias=False, name="conv1")(x)
+        if self.fuse:
+            y = _resize_nearest(y, x.shape[1:-1])
+            z = nn.sigmoid(nn.Conv(2, (1,) * k, name="att_conv")(
+                jnp.concatenate([x, y], axis=-1)))
+            x = x * z[..., :1] + y * z[..., 1:]
+        if out_spatial is not None:
+            x = _resize_nearest(x, out_spatial)
+        out = nn.Conv(self.out_features, (3,) * k, padding="SAME", use_bias=False,
+                      name="conv2")(x)
+        return out, x

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
+from kdjax import losses as L
 from kdjax.losses import similarity as sim
 
 
@@ -149,9 +150,9 @@ def test_per_device_vs_global_on_8_devices(n_devices):
     want_global = np_coss(s, t)
     assert abs(want_local - want_global) > 0.1  # the semantics differ on this batch
 
-    local = sim.per_device(sim.coss, mesh)(s, t)
+    local = L.per_device(sim.coss, mesh)(s, t)
     np.testing.assert_allclose(local, want_local, rtol=1e-5)
-    np.testing.assert_allclose(sim.per_group(sim.coss, n_devices)(s, t), want_local,
+    np.testing.assert_allclose(L.per_group(sim.coss, n_devices)(s, t), want_local,
                                rtol=1e-5)
     # Global: plain jit on arrays sharded over the batch.
     sharding = NamedSharding(mesh, P("data"))
@@ -163,11 +164,11 @@ def test_per_device_vs_global_on_8_devices(n_devices):
                          axis_types=(jax.sharding.AxisType.Auto,))
     shards = zip(np.split(s, n_devices), np.split(t, n_devices))
     want = np.mean([np_coss(a, b, 0.5, 2.0, 1.0, 1.0) for a, b in shards])
-    f = sim.per_device(sim.coss, auto)
+    f = L.per_device(sim.coss, auto)
     np.testing.assert_allclose(f(s, t, l0=0.5, l1=2.0, tau_t=1.0, tau_s=1.0), want,
                                rtol=1e-5)
     g_dev = jax.grad(lambda a: f(a, t, tau_t=1.0, tau_s=1.0))(jnp.asarray(s))
-    g_grp = jax.grad(lambda a: sim.per_group(sim.coss, n_devices)(
+    g_grp = jax.grad(lambda a: L.per_group(sim.coss, n_devices)(
         a, t, tau_t=1.0, tau_s=1.0))(jnp.asarray(s))
     np.testing.assert_allclose(g_dev, g_grp, rtol=1e-4, atol=1e-6)
 
@@ -249,14 +250,14 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="ptr must have an integer dtype"):
         sim.seed_queue_update(jnp.zeros((9, 4)), jnp.float32(0), t)
     with pytest.raises(ValueError, match="num_groups must be a positive int"):
-        sim.per_group(sim.coss, 0)
+        L.per_group(sim.coss, 0)
     with pytest.raises(ValueError, match="divisible by num_groups=3"):
-        sim.per_group(sim.coss, 3)(s, t)
+        L.per_group(sim.coss, 3)(s, t)
     mesh = jax.make_mesh((8,), ("data",))
     with pytest.raises(ValueError, match="axis_name must be one of the mesh axes"):
-        sim.per_device(sim.coss, mesh, axis_name="batch")
+        L.per_device(sim.coss, mesh, axis_name="batch")
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        sim.per_device(sim.coss, mesh)(s[:4], t[:4])
+        L.per_device(sim.coss, mesh)(s[:4], t[:4])
     with pytest.raises(ValueError, match="size must be a positive int"):
         sim.seed_queue_init(jax.random.PRNGKey(0), 0, 4)
 
