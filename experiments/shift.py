@@ -40,12 +40,18 @@ plan_block = (lambda cfg, shift, algorithm, names: kx.expand(
 
 def plan(cfg) -> list[kx.Cell]:
     """ERM-teacher cells of every shift x method; on correlation shifts, the
-    ``robust_methods`` students of the best robust teacher too."""
+    ``robust_methods`` students of the best robust teacher too, right after their ERM
+    counterparts (and CE), so a cut-short run still has the ERM-vs-robust comparison."""
     cells = []
     for s in cfg.shifts:
-        cells += plan_block(cfg, s, cfg.teacher.algorithm, list(cfg.run_methods))
-        if L.is_correlation(s) and cfg.robust_teachers and cfg.robust_methods:
+        first = [m for m in cfg.run_methods if m == "ce" or m in cfg.robust_methods]
+        robust = L.is_correlation(s) and cfg.robust_teachers and cfg.robust_methods
+        cells += plan_block(cfg, s, cfg.teacher.algorithm, first if robust else
+                            list(cfg.run_methods))
+        if robust:
             cells += plan_block(cfg, s, "robust", list(cfg.robust_methods))
+            rest = [m for m in cfg.run_methods if m not in first]
+            cells += plan_block(cfg, s, cfg.teacher.algorithm, rest) if rest else []
     return cells
 
 
