@@ -97,23 +97,21 @@ def cost_flops(jitted, *args) -> float:
 
 
 def _jaxpr_flops(jaxpr) -> float:
-    from jax.extend import core as jex
+    from kdjax._jaxpr import iter_eqns
 
     total = 0.0
-    for e in jaxpr.eqns:
+    for e, times in iter_eqns(jaxpr):
         name = e.primitive.name
         if name == "dot_general":
             (lc, _), _ = e.params["dimension_numbers"]
             a = e.invars[0].aval.shape
-            total += 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod([a[i] for i in lc])
+            total += times * 2.0 * np.prod(e.outvars[0].aval.shape) * np.prod(
+                [a[i] for i in lc])
         elif name == "conv_general_dilated":
             rhs = e.invars[1].aval.shape
             spec = e.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
             window = np.prod([rhs[i] for i in spec[2:]])
-            total += 2.0 * np.prod(e.outvars[0].aval.shape) * window * rhs[spec[1]]
-        times = e.params.get("length", 1) if name == "scan" else 1
-        for sub in jex.jaxprs_in_params(e.params):
-            total += times * _jaxpr_flops(sub)
+            total += times * 2.0 * np.prod(e.outvars[0].aval.shape) * window * rhs[spec[1]]
     return total
 
 

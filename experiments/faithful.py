@@ -38,6 +38,7 @@ from kdjax import data as kdata
 from kdjax import faithful as F
 from kdjax import methods, models
 from kdjax.experiment.config import config_hash, load_config, parse_cli
+from kdjax.methods.faithful import resolve_clip as resolve_clip_option
 from kdjax.train import Distiller, EvalSet, Evaluation, make_mesh, make_optimizer, predict
 from kdjax.experiment import results as R
 from kdjax.train.engine import evaluate
@@ -73,12 +74,11 @@ def load_data(cfg):
 
 
 def resolve_clip(cfg, train_x):
-    """``config.clip`` -> ``None`` or ``(lo, hi)`` floats (``"data"``: the train range)."""
-    if cfg.clip == "none":
-        return None
-    if cfg.clip == "data":
-        return float(np.min(train_x)), float(np.max(train_x))
-    return float(cfg.clip[0]), float(cfg.clip[1])
+    """``config.clip`` -> ``None`` or ``(lo, hi)`` floats through the one clip reader,
+    :func:`kdjax.methods.faithful.resolve_clip` (``"data"``: the range of the training
+    inputs, i.e. its ``"batch"`` reading of the whole training set)."""
+    clip = resolve_clip_option("batch" if cfg.clip == "data" else cfg.clip, train_x)
+    return None if clip is None else (float(clip[0]), float(clip[1]))
 
 
 def build_methods(run, clip):

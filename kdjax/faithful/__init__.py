@@ -1,12 +1,18 @@
-"""Faithful KD math: teacher-student gaps, attacks (lower bounds), IBP/CROWN bound
-propagation and certification (upper bounds).
+"""Faithful KD math: teacher-student gaps at points (:mod:`~kdjax.faithful.metrics`),
+attacks as lower bounds over a ball (:mod:`~kdjax.faithful.attacks`), IBP/CROWN bound
+propagation (:mod:`~kdjax.faithful.bounds`) and certification as upper bounds
+(:mod:`~kdjax.faithful.certify`).
 
-``kdjax.faithful.bounds`` is the bound-propagation interpreter; the other names are
-re-exported from their modules so users write ``kdjax.faithful.pgd_gap``.
+The public names are re-exported here: users write ``kdjax.faithful.pgd_gap``.
 """
 
-from kdjax.faithful.bounds import crown_bounds, ibp_bounds, interval_box
-from kdjax.faithful.gaps import *  # noqa: F401,F403
-from kdjax.faithful.gaps import __all__ as _gaps_all
+from kdjax.faithful.attacks import *  # noqa: F401,F403
+from kdjax.faithful.attacks import __all__ as _attacks_all
+from kdjax.faithful.bounds import check_ball, crown_bounds, ibp_bounds, interval_box
+from kdjax.faithful.certify import *  # noqa: F401,F403
+from kdjax.faithful.certify import __all__ as _certify_all
+from kdjax.faithful.metrics import *  # noqa: F401,F403
+from kdjax.faithful.metrics import __all__ as _metrics_all
 
-__all__ = ["crown_bounds", "ibp_bounds", "interval_box", *_gaps_all]
+__all__ = ["check_ball", "crown_bounds", "ibp_bounds", "interval_box", *_metrics_all,
+           *_attacks_all, *_certify_all]

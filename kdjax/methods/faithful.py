@@ -41,13 +41,29 @@ bound is loose from the start: Gowal et al. 2018, sec. 4).
 range ``[min(x), max(x)]`` (scalars over the whole batch), ``"none"`` does not clip,
 ``[lo, hi]`` a fixed range (``[0, 1]`` for un-normalised images).
 
-**Engine note.** With the current engine, ``teacher_fn`` wraps the teacher's *output* in
-``stop_gradient``, which also zeroes the teacher's input gradient: the PGD search of
-``faithful_pgd`` then ascends through the student only (``sign(p^S_y - p^T_y) grad
-p^S_y``). That is still a valid search (the points are in the ball; the penalty is the
-gap there), but weaker than the joint attack used for evaluation. A teacher function that
-is constant in the teacher's parameters but transparent in ``x`` fixes it; the methods
-need no change.
+**Attacks through both networks.** The engine's ``teacher_fn`` stops gradients at the
+teacher's *parameters*, not its output, so the teacher is transparent in ``x``: the PGD
+search of ``faithful_pgd`` ascends the joint gap ``|p^S_y - p^T_y|`` (the attack of the
+evaluation), while the teacher stays frozen.
+
+**Robust teachers** (teacher objectives, ``needs_teacher=False``; pass one as
+``algorithm`` to :func:`kdjax.train.get_teacher`):
+
+* ``pgd_at`` (Madry et al. 2018, Eq. 2.1): ``(1 - w) CE(z(x^adv), y) + w CE(z(x), y)``
+  with ``x^adv = argmax_{x' in B} CE(z(x'), y)`` by PGD from a random start (reference
+  code: 7-10 steps, step ``2.5 eps / steps``, ``w = 0``: adversarial loss only).
+* ``certified_training`` (IBP, Gowal et al. 2018, Eq. 7; CROWN-IBP bounds, Zhang et al.
+  2020, Eq. 7 with ``beta = 1``): ``kappa CE(z(x), y) + (1 - kappa) CE(z_hat(x), y)``,
+  ``z_hat_j = -lower(z_y - z_j)`` the worst-case logits over the ball
+  (:func:`kdjax.faithful.worst_case_logits`). ``kappa`` ramps from 1 to ``kappa`` with
+  ``eps`` (reference: ``kappa`` 1 -> 0.5, eps ramped over most of training).
+
+**RSLAD** (Zi et al. 2021, "Revisiting Adversarial Robustness Distillation: Robust Soft
+Labels Make Student Better", Eq. 6): ``(1 - a) KL(p^T(x) || p^S(x)) + a KL(p^T(x) ||
+p^S(x^adv))`` with the teacher's *clean* soft labels at temperature 1, ``a = 5/6`` (the
+reference code's ``5/6`` and ``1/6``), and ``x^adv = argmax_{x' in B}
+KL(p^T(x) || p^S(x'))`` by PGD on the student (reference: 10 steps, step ``2/255``,
+``eps = 8/255`` on CIFAR; kdjax's step default is ``2.5 eps / steps``).
 """
 
 from __future__ import annotations
@@ -56,10 +72,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from kdjax import faithful as F
 from kdjax import losses
 from kdjax._checks import check_choice
+from kdjax.losses._utils import reduce_per_example
 from kdjax.methods import Method, register
 
 __all__ = ["current_eps", "resolve_clip"]
@@ -95,9 +113,10 @@ def current_eps(step: jax.Array, *, eps: float, ramp_steps: int = 0,
 
 
 def resolve_clip(clip: Any, x: jax.Array):
-    """``clip`` option -> ``None`` or ``(lo, hi)``: ``"batch"`` gives the batch's range
-    ``(min x, max x)`` (constants: no gradient), ``"none"`` gives ``None``, a pair is used
-    as is."""
+    """The one reading of a ``clip`` setting (methods and drivers): ``"batch"`` gives the
+    range ``(min x, max x)`` of the array it is given (a batch, or a whole training set
+    in a driver; constants, no gradient), ``"none"`` gives ``None``, a pair ``[lo, hi]``
+    is used as is (validated by :func:`kdjax.faithful.check_ball`)."""
     if isinstance(clip, str):
         check_choice(clip, "clip", _CLIP_CHOICES)
         if clip == "none":
@@ -106,10 +125,9 @@ def resolve_clip(clip: Any, x: jax.Array):
         lo, hi = jnp.min(xs), jnp.max(xs)
         return lo, jnp.maximum(hi, lo + 1e-6)   # a constant batch still has lo < hi
     if isinstance(clip, (tuple, list)) and len(clip) == 2:
-        lo, hi = float(clip[0]), float(clip[1])
-        if not lo < hi:
-            raise ValueError(f"clip must satisfy lo < hi, got {list(clip)!r}.")
-        return lo, hi
+        pair = (float(clip[0]), float(clip[1]))
+        F.check_ball(jnp.zeros((1, 1)), 0.0, pair)
+        return pair
     raise ValueError(f"clip must be 'batch', 'none' or a pair [lo, hi], got {clip!r}.")
 
 
@@ -201,3 +219,97 @@ register(Method(
     options={**_COMMON, "temperature": 4.0, "steps": 10, "step_size": None},
     default_weight=1.0,
     doc="ARD: tau^2 KL(p_T(x) || p_S(x_adv)), x_adv the student's own PGD inputs"))
+
+
+# ------------------------------------------------------------- robust teachers, RSLAD
+
+
+def _labels(name, batch):
+    if not isinstance(batch, Mapping) or "y" not in batch:
+        raise ValueError(f"method {name!r} needs labels batch['y'], got keys "
+                         f"{sorted(batch) if isinstance(batch, Mapping) else batch!r}.")
+    return batch["y"]
+
+
+def _ramped(name, state, eps, ramp_steps, warmup_steps):
+    _validate_schedule(name, eps, ramp_steps, warmup_steps)
+    return current_eps(state["step"], eps=eps, ramp_steps=ramp_steps,
+                       warmup_steps=warmup_steps)
+
+
+def _pgd_at(params, state, student_out, teacher_out, batch, rng, *, models=None, eps,
+            ramp_steps, warmup_steps, clip, steps, step_size, restarts, clean_weight):
+    """Madry PGD adversarial training (see the module docstring)."""
+    del params, teacher_out
+    name = "pgd_at"
+    s_logits, _ = _models(name, models)
+    x, y = batch["x"], _labels(name, batch)
+    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
+    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)  # noqa: E731
+    _, x_adv = F.pgd_maximize(lambda xp: ce(s_logits(xp)), x, eps=e, key=rng, steps=steps,
+                              step_size=step_size, restarts=restarts,
+                              clip=resolve_clip(clip, x))
+    per = (1.0 - clean_weight) * ce(s_logits(jax.lax.stop_gradient(x_adv)))
+    per = per + clean_weight * ce(student_out[0].astype(jnp.float32))
+    return reduce_per_example(per, _weights(batch), "mean"), {"step": state["step"] + 1}
+
+
+def _certified_training(params, state, student_out, teacher_out, batch, rng, *,
+                        models=None, eps, ramp_steps, warmup_steps, clip, bound, kappa):
+    """IBP / CROWN-IBP certified training (see the module docstring)."""
+    del params, teacher_out, rng
+    name = "certified_training"
+    check_choice(bound, "bound", ("ibp", "crown-ibp"))
+    if not 0.0 <= float(kappa) <= 1.0:
+        raise ValueError(f"method {name!r}: option kappa must be in [0, 1], got {kappa!r}.")
+    s_logits, _ = _models(name, models)
+    x, y = batch["x"], _labels(name, batch)
+    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
+    frac = e / eps if eps > 0 else jnp.float32(1.0)
+    k = 1.0 - (1.0 - kappa) * frac          # kappa ramps 1 -> kappa with eps
+    z_hat = F.worst_case_logits(s_logits, x, y, eps=e, method=bound,
+                                clip=resolve_clip(clip, x))
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    per = k * ce(student_out[0].astype(jnp.float32), y) + (1.0 - k) * ce(z_hat, y)
+    return reduce_per_example(per, _weights(batch), "mean"), {"step": state["step"] + 1}
+
+
+def _rslad(params, state, student_out, teacher_out, batch, rng, *, models=None, eps,
+           ramp_steps, warmup_steps, clip, steps, step_size, adv_weight):
+    """RSLAD (see the module docstring)."""
+    del params
+    name = "rslad"
+    if not 0.0 <= float(adv_weight) <= 1.0:
+        raise ValueError(f"method {name!r}: option adv_weight must be in [0, 1], got "
+                         f"{adv_weight!r}.")
+    s_logits, _ = _models(name, models)
+    x = batch["x"]
+    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
+    zt = jax.lax.stop_gradient(teacher_out[0].astype(jnp.float32))
+    x_adv = F.adversarial_distillation_inputs(zt, s_logits, x, eps=e, key=rng, steps=steps,
+                                              step_size=step_size, temperature=1.0,
+                                              clip=resolve_clip(clip, x))
+    w = _weights(batch)
+    value = ((1.0 - adv_weight) * losses.kd(student_out[0].astype(jnp.float32), zt, 1.0,
+                                            weights=w)
+             + adv_weight * losses.kd(s_logits(x_adv), zt, 1.0, weights=w))
+    return value, {"step": state["step"] + 1}
+
+
+register(Method(
+    "pgd_at", _pgd_at, init=_step_init, needs_models=True, needs_labels=True,
+    needs_teacher=False,
+    options={**_COMMON, "steps": 7, "step_size": None, "restarts": 1, "clean_weight": 0.0},
+    default_weight=1.0,
+    doc="robust teacher: Madry PGD adversarial training, CE at x_adv = argmax CE"))
+register(Method(
+    "certified_training", _certified_training, init=_step_init, needs_models=True,
+    needs_labels=True, needs_teacher=False,
+    options={**_COMMON, "ramp_steps": 1000, "bound": "ibp", "kappa": 0.5},
+    default_weight=1.0,
+    doc="robust teacher: IBP / CROWN-IBP certified training, kappa CE + (1-kappa) CE_worst"))
+register(Method(
+    "rslad", _rslad, init=_step_init, needs_models=True,
+    options={**_COMMON, "steps": 10, "step_size": None, "adv_weight": 5.0 / 6.0},
+    default_weight=1.0,
+    doc="RSLAD: (1-a) KL(p_T(x)||p_S(x)) + a KL(p_T(x)||p_S(x_adv)), a = 5/6, T = 1"))

@@ -232,21 +232,21 @@ def test_relu_relaxation_closed_form():
     np.testing.assert_allclose(lo, [[-3.0]])
 
 
-class WithExp(nn.Module):
+class WithSin(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(2, name="softplus_head")(jnp.exp(nn.Dense(3, name="encoder")(x)))
+        return nn.Dense(2, name="head")(jnp.sin(nn.Dense(3, name="encoder")(x)))
 
 
 def test_unsupported_primitive_names_it_and_the_layer():
-    m = WithExp()
+    m = WithSin()
     x = jnp.ones((2, 3))
     v = m.init(jax.random.key(0), x)
     for bound in (ibp_bounds, crown_bounds):
-        with pytest.raises(NotImplementedError, match=r"'exp'.*WithExp"):
+        with pytest.raises(NotImplementedError, match=r"'sin'.*layer 'WithSin'"):
             bound(lambda z: m.apply(v, z), x, 0.1)
     with pytest.raises(NotImplementedError, match="product of two input-dependent"):
-        ibp_bounds(lambda z: z * z, x, 0.1)
+        ibp_bounds(lambda z: z @ z.T, x, 0.1)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -11,7 +11,7 @@ from kdjax import methods, models
 from kdjax.methods.faithful import current_eps, resolve_clip
 from kdjax.train import Distiller
 
-NAMES = ("faithful_pgd", "faithful_certified", "adversarial_distillation")
+NAMES = ("faithful_pgd", "faithful_certified", "adversarial_distillation", "rslad")
 
 
 def _nets(same=False):
@@ -173,3 +173,109 @@ def test_engine_step_with_all_faithful_terms():
         state, terms = step(state, tvars, {"x": x}, jax.random.key(i))
     assert all(np.isfinite(float(v)) for v in terms.values())
     assert {int(state.method_state[k]["step"]) for k in d.keys[1:]} == {2}
+
+
+# ------------------------------------------------------------- robust teachers, RSLAD
+
+
+def test_rslad_matches_its_formula():
+    net, ps, pt, x = _nets()
+    m = methods.build({"name": "rslad", "eps": 0.2, "clip": "none", "steps": 5})
+    rng = jax.random.key(11)
+    v, st = _call(m, ps, pt, net, x, _state(), rng=rng)
+    s = lambda z: net.apply({"params": ps}, z)[0]  # noqa: E731
+    zt = net.apply({"params": pt}, x)[0]
+    x_adv = F.adversarial_distillation_inputs(zt, s, x, eps=0.2, key=rng, steps=5,
+                                              temperature=1.0)
+    pt_, ps_clean, ps_adv = (np.asarray(jax.nn.softmax(z)) for z in (zt, s(x), s(x_adv)))
+    kl = lambda p, q: np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))  # noqa: E731
+    want = kl(pt_, ps_clean) / 6.0 + 5.0 * kl(pt_, ps_adv) / 6.0
+    np.testing.assert_allclose(float(v), want, rtol=1e-5)
+    assert int(st["step"]) == 1
+
+
+def _toy_classification(key, n=128):
+    k1, k2 = jax.random.split(key)
+    y = jax.random.bernoulli(k1, 0.5, (n,)).astype(jnp.int32)
+    x = 0.6 * (2.0 * y[:, None] - 1.0) + 0.5 * jax.random.normal(k2, (n, 4))
+    return x, y
+
+
+def _train_teacher(config, x, y, steps=150):
+    net = models.create("mlp", 2, hidden=(32,))
+    params = net.init(jax.random.key(0), x)["params"]
+    ce = methods.build({"name": "ce"})
+    term = None if config is None else methods.build(config)
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, state, rng):
+        def loss(p):
+            fn = lambda v: net.apply({"params": p}, v)  # noqa: E731
+            out = fn(x)
+            batch = {"x": x, "y": y}
+            if term is None:
+                return ce({}, None, out, None, batch, rng)[0], state
+            return term({}, state, out, None, batch, rng, models=(fn, None))
+        (v, state), g = jax.value_and_grad(loss, has_aux=True)(params)
+        upd, opt = tx.update(g, opt)
+        return optax.apply_updates(params, upd), opt, state
+
+    state = {"step": jnp.zeros((), jnp.int32)}
+    for i in range(steps):
+        params, opt, state = step(params, opt, state, jax.random.key(i))
+    return lambda v: net.apply({"params": params}, v)[0]
+
+
+def _confidence_drop(fn, x, eps):
+    """PGD lower bound on the teacher's own gap: max over the ball of p_y(x) - p_y(x')."""
+    y = F.teacher_labels(fn(x))
+    py = jnp.take_along_axis(jax.nn.softmax(fn(x)), y[:, None], 1)[:, 0]
+    obj = lambda z: py - jnp.take_along_axis(jax.nn.softmax(fn(z)), y[:, None], 1)[:, 0]  # noqa
+    return float(jnp.mean(F.pgd_maximize(obj, x, eps=eps, key=jax.random.key(9), steps=20,
+                                         restarts=2)[0]))
+
+
+@pytest.mark.parametrize("config", [
+    {"name": "pgd_at", "eps": 0.5, "clip": "none"},
+    {"name": "certified_training", "eps": 0.5, "clip": "none", "ramp_steps": 50}])
+def test_robust_teacher_training_lowers_the_teachers_pgd_gap(config):
+    x, y = _toy_classification(jax.random.key(1))
+    plain = _train_teacher(None, x, y)
+    robust = _train_teacher(config, x, y)
+    gap_plain, gap_robust = _confidence_drop(plain, x, 0.5), _confidence_drop(robust, x, 0.5)
+    assert gap_robust < 0.8 * gap_plain, (gap_plain, gap_robust)
+    acc = float(jnp.mean(jnp.argmax(robust(x), -1) == y))
+    assert acc > 0.7
+
+
+def test_worst_case_logits_bound_the_cross_entropy_in_the_ball():
+    net, ps, _, x = _nets()
+    fn = lambda v: net.apply({"params": ps}, v)[0]  # noqa: E731
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)  # noqa: E731
+    worst = ce(F.worst_case_logits(fn, x, y, eps=0.2, method="crown-ibp"))
+    attacked, _ = F.pgd_maximize(lambda z: ce(fn(z)), x, eps=0.2, key=jax.random.key(0),
+                                 steps=20, restarts=2)
+    assert bool(jnp.all(worst >= attacked - 1e-5))
+    assert bool(jnp.all(attacked >= ce(fn(x)) - 1e-6))
+
+
+def test_two_network_attack_reaches_the_student_only_gap():
+    """The training attack of faithful_pgd sees the teacher's input gradient (engine's
+    teacher_fn: parameters frozen, transparent in x); it finds gaps at least as large as
+    an attack whose teacher output is cut from the gradient (the old behaviour)."""
+    net, ps, pt, _ = _nets()
+    x = jax.random.uniform(jax.random.key(4), (64, 5))
+    s = lambda v: net.apply({"params": ps}, v)[0]  # noqa: E731
+    t = lambda v: net.apply({"params": jax.lax.stop_gradient(pt)}, v)[0]  # noqa: E731
+    t_cut = lambda v: jax.lax.stop_gradient(t(v))  # noqa: E731
+    kw = dict(eps=0.3, steps=20, restarts=2, key=jax.random.key(2))
+    joint, _ = F.pgd_gap(t, s, x, **kw)
+    student_only, x_so = F.pgd_gap(t_cut, s, x, **kw)
+    # the student-only search's points, scored on the true gap, are what it reaches
+    y = F.teacher_labels(t(x))
+    reached = F.confidence_gap(s(x_so), t(x_so), labels=y)
+    assert float(jnp.mean(joint)) >= float(jnp.mean(reached)) - 1e-6
+    assert bool(jnp.any(jax.grad(lambda v: jnp.sum(t(v)))(x) != 0))
