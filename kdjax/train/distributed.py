@@ -43,7 +43,7 @@ from kdjax.train.sharding import DATA_AXIS
 
 __all__ = ["initialize", "global_mesh", "process_rows", "replicate", "shard_host_batch",
            "to_host", "train_steps", "env_config", "is_primary", "stream_epoch_runner",
-           "evaluate_stream"]
+           "evaluate_stream", "evaluate_streams"]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -282,6 +282,14 @@ def evaluate_stream(distiller, state, stream, batch_size: int = 512,
     the result is the same on every process and equals the single-process metrics.
     ``teacher``: optional ``(module, variables)`` for agreement / KL to the teacher.
     """
+    return evaluate_streams(distiller, state, {"_": stream}, batch_size, mesh,
+                            teacher=teacher, num_groups=num_groups, group_key=group_key)["_"]
+
+
+def evaluate_streams(distiller, state, streams, batch_size: int = 512,
+                     mesh: Mesh | None = None, *, teacher=None, num_groups: int = 0,
+                     group_key: str = "group") -> dict[str, dict[str, float]]:
+    """:func:`evaluate_stream` of every ``{name: stream}`` with one compiled program."""
     from kdjax.train import metrics as metrics_lib
 
     rows = _batch_rows(batch_size, mesh)
@@ -297,10 +305,13 @@ def evaluate_stream(distiller, state, stream, batch_size: int = 512,
                                        num_groups=num_groups)
 
     tvars = None if teacher is None else teacher[1]
-    total = None
-    for local in stream.batches(batch_size, shuffle=False, drop_remainder=False,
-                                rows=rows):
-        keep = ["x", "y", "mask"] + ([group_key] if num_groups else [])
-        s = to_host(stats(state, tvars, _to_global({k: local[k] for k in keep}, mesh)))
-        total = s if total is None else jax.tree_util.tree_map(np.add, total, s)
-    return metrics_lib.finalize(total)
+    keep = ["x", "y", "mask"] + ([group_key] if num_groups else [])
+    out = {}
+    for name, stream in streams.items():
+        total = None
+        for local in stream.batches(batch_size, shuffle=False, drop_remainder=False,
+                                    rows=rows):
+            s = to_host(stats(state, tvars, _to_global({k: local[k] for k in keep}, mesh)))
+            total = s if total is None else jax.tree_util.tree_map(np.add, total, s)
+        out[name] = metrics_lib.finalize(total)
+    return out
