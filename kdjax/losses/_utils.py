@@ -6,6 +6,8 @@ import jax.numpy as jnp
 
 from kdjax._checks import check_choice, check_weights
 
+__all__ = ["REDUCTIONS", "reduce_per_example", "multiplicities"]
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
