@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import losses
 
@@ -60,6 +61,11 @@ class Method:
         for ``options["pretrain_epochs"]`` epochs (the option must then exist).
       needs_teacher: False for teacher-free objectives (``ce``, the DG teacher
         objectives of :mod:`kdjax.methods.robust`), which may train without a teacher.
+      traced_options: the numeric options the loss accepts as traced scalars (it uses
+        them only in arithmetic, never in Python control flow or shapes). The engine
+        passes them, with the weight, as arguments of the compiled step
+        (``TrainState.hparams``), so runs that differ only in these numbers share one
+        program. Every other option is static (baked into the program).
     """
 
     name: str
@@ -72,6 +78,7 @@ class Method:
     pretrain_loss: Callable[..., Any] | None = None
     needs_models: bool = False
     needs_teacher: bool = True
+    traced_options: tuple[str, ...] = ()
 
 
 def register(method: Method) -> Method:
@@ -108,15 +115,35 @@ class BuiltMethod:
     def name(self) -> str:
         return self.method.name
 
+    @property
+    def numbers(self) -> dict[str, float]:
+        """The traced numbers of the term: ``weight`` and the method's
+        ``traced_options`` (float32 host scalars)."""
+        out = {"weight": np.float32(self.weight)}
+        for k in self.method.traced_options:
+            out[k] = np.float32(self.options[k])
+        return out
+
+    @property
+    def static_options(self) -> dict[str, Any]:
+        """The options baked into the compiled step (all but ``traced_options``)."""
+        return {k: v for k, v in self.options.items()
+                if k not in self.method.traced_options}
+
     def init(self, rng, student_out, teacher_out):
         if self.method.init is None:
             return {}, None
         return self.method.init(rng, student_out, teacher_out, **self.options)
 
-    def __call__(self, params, state, student_out, teacher_out, batch, rng, models=None):
+    def __call__(self, params, state, student_out, teacher_out, batch, rng, models=None,
+                 numbers: Mapping[str, Any] | None = None):
+        """The loss term; ``numbers`` (traced) replace the options of the same name."""
         extra = {"models": models} if self.method.needs_models else {}
+        options = dict(self.options)
+        if numbers:
+            options.update({k: v for k, v in numbers.items() if k != "weight"})
         return self.method.loss(params, state, student_out, teacher_out, batch, rng,
-                                **extra, **self.options)
+                                **extra, **options)
 
 
 def build(config: Mapping[str, Any]) -> BuiltMethod:
@@ -183,6 +210,7 @@ register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},
                 default_weight=1.0, needs_labels=True, needs_teacher=False,
                 doc="cross-entropy with the labels (batch['weights'] as sample weights)"))
 register(Method("kd", stateless(_kd), options={"temperature": 4.0}, default_weight=0.9,
+                traced_options=("temperature",),
                 doc="Hinton KD, tau^2 KL(p_T || p_S)"))
 
 _FAMILIES = ("zoo", "kd2m", "coss", "faithful", "robust", "shiftkd")

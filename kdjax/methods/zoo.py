@@ -377,6 +377,7 @@ register(Method("dkd", _dkd, init=_dkd_init,
                 options={"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "standardize": False,
                          "warmup_steps": 0},
                 default_weight=1.0, needs_labels=True,
+                traced_options=("alpha", "beta", "temperature"),
                 doc="decoupled KD, tau^2 (alpha TCKD + beta NCKD) (Zhao et al. 2022)"))
 register(Method("kd_ls", stateless(_kd_ls), options={"temperature": 4.0},
                 default_weight=0.9,

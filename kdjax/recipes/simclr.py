@@ -42,6 +42,7 @@ import optax
 from kdjax._checks import check_float_array, check_nonnegative, check_positive
 from kdjax.data import augment as aug
 from kdjax.models.projector import Projector
+from kdjax.train import epoch as epoch_lib
 
 __all__ = ["nt_xent", "view_augment", "SimCLR", "SimCLRState"]
 
@@ -206,33 +207,21 @@ class SimCLR:
                                                                               updates),
                              batch_stats=new_bs, opt_state=opt_state), loss
 
+    def _step(self, state: SimCLRState, consts, x, key):
+        del consts   # the epoch loop's shared constants: SimCLR has none
+        return self.train_step(state, x, key)
+
     def epoch_fn(self, batch_size: int):
         """``epoch(state, x) -> (state, mean loss)``: ``len(x) // batch_size`` steps over
-        a permutation drawn from ``fold_in(seed_key, epoch)``; pure (vmappable)."""
-        def epoch(state: SimCLRState, x):
-            n = x.shape[0]
-            steps = n // batch_size
-            if steps == 0:
-                raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
-            key = jax.random.fold_in(state.seed_key, state.epoch)
-            perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-            idx = perm[: steps * batch_size].reshape(steps, batch_size)
-
-            def body(st, inp):
-                i, rows = inp
-                return self.train_step(st, x[rows], jax.random.fold_in(key, i + 1))
-
-            state, losses = jax.lax.scan(body, state, (jnp.arange(steps), idx))
-            return state.replace(epoch=state.epoch + 1), jnp.mean(losses)
-
-        return epoch
+        a permutation drawn from ``fold_in(seed_key, epoch)``; pure (vmappable). The
+        epoch loop of :mod:`kdjax.train.epoch` in scan mode."""
+        fn = epoch_lib.epoch_fn(self._step, batch_size)
+        return lambda state, x: fn(state, None, x)
 
     def jit_epoch(self, batch_size: int, *, num_seeds: int = 0):
         """Jitted epoch (state donated); ``num_seeds > 0`` vmaps over a seed axis."""
-        fn = self.epoch_fn(batch_size)
-        if num_seeds:
-            fn = jax.vmap(fn, in_axes=(0, None))
-        return jax.jit(fn, donate_argnums=(0,))
+        run = epoch_lib.make_epoch(self._step, batch_size, num_seeds=num_seeds)
+        return lambda state, x: run(state, None, x)
 
     def encoder_variables(self, state: SimCLRState) -> dict:
         """``{"params", ["batch_stats"]}`` of the encoder, for ``encoder.apply``."""

@@ -36,8 +36,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from kdjax import _jaxpr
 from kdjax._checks import check_float_array, check_labels, check_same_shape
 from kdjax.methods import BuiltMethod
+from kdjax.train import epoch as epoch_lib
 from kdjax.train import metrics as metrics_lib
 from kdjax.train.sharding import data_sharding, replicated
 
@@ -55,21 +57,14 @@ class TrainState:
     opt_state: Any
     method_state: Any    # {method_key: state} (queues, ...)
     seed_key: jax.Array  # raw uint32 PRNG key of the run
+    hparams: Any = None  # {method_key: {"weight", traced options}}: arguments of the step
 
 
-EPOCH_MODES = ("auto", "loop", "scan")
+EPOCH_MODES = epoch_lib.EPOCH_MODES
+NONFINITE = "nonfinite_params"   # key of the divergence flag in an epoch's mean terms
 
 
-def primitives(closed) -> set[str]:
-    """Names of every primitive in a (closed) jaxpr, sub-jaxprs included."""
-    from jax.extend import core as jex
-
-    todo, names = [getattr(closed, "jaxpr", closed)], set()
-    while todo:
-        jaxpr = todo.pop()
-        names.update(e.primitive.name for e in jaxpr.eqns)
-        todo.extend(jex.subjaxprs(jaxpr))
-    return names
+primitives = _jaxpr.primitives  # names of every primitive in a jaxpr (one walker)
 
 
 def method_keys(methods: Sequence[BuiltMethod]) -> list[str]:
@@ -155,9 +150,29 @@ class Distiller:
             return out, upd["batch_stats"]
         return self.student.apply(vs, x, train=train), batch_stats
 
+    def hyperparameters(self) -> dict:
+        """``{method_key: {"weight": w, <traced option>: v}}`` (float32): the numbers of
+        the loss terms that the compiled step takes as arguments (``TrainState.hparams``;
+        :attr:`kdjax.methods.Method.traced_options`)."""
+        return {k: m.numbers for k, m in zip(self.keys, self.methods)}
+
+    def signature(self) -> tuple:
+        """What the compiled programs depend on: the networks, the methods and their
+        static options, the optimiser object, augmentation, dtype and modes, but not the
+        traced numbers. Distillers with equal signatures share their jitted runners
+        (:meth:`epoch_runner`), so cells that differ only in weights, temperatures or
+        other traced options run the same compiled program."""
+        methods = tuple((m.name, id(m.method), repr(sorted(m.static_options.items())))
+                        for m in self.methods)
+        return (self.student, self.teacher, methods, self.tx, self.augment,
+                jnp.dtype(self.compute_dtype).name, self.teacher_from_batch,
+                self.epoch_mode)
+
     # -- initialisation --------------------------------------------------------------
-    def init(self, seed: int | jax.Array, example_x, teacher_vars=None) -> TrainState:
-        """Initial state from a seed and an example batch (shapes only matter)."""
+    def init(self, seed: int | jax.Array, example_x, teacher_vars=None,
+             hparams=None) -> TrainState:
+        """Initial state from a seed and an example batch (shapes only matter);
+        ``hparams`` defaults to :meth:`hyperparameters`."""
         key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
         k_student, k_adapters = jax.random.split(jax.random.fold_in(key, 1))
         x = jnp.asarray(example_x).astype(self.compute_dtype)
@@ -171,10 +186,12 @@ class Distiller:
             p, st = m.init(jax.random.fold_in(k_adapters, i), s_out, t_out)
             params["adapters"][k] = p
             method_state[k] = st
+        hparams = self.hyperparameters() if hparams is None else hparams
         return TrainState(epoch=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32),
                           params=params, batch_stats=batch_stats,
                           opt_state=self.tx.init(params), method_state=method_state,
-                          seed_key=key)
+                          seed_key=key,
+                          hparams=jax.tree_util.tree_map(jnp.asarray, hparams))
 
     # -- one step --------------------------------------------------------------------
     def loss_fn(self, params, state: TrainState, teacher_vars, batch, rng):
@@ -206,12 +223,14 @@ class Distiller:
                 return out[0].astype(jnp.float32), out[1]
 
             models = (student_fn, teacher_fn)
+        hparams = self.hyperparameters() if state.hparams is None else state.hparams
         for i, (k, m) in enumerate(zip(self.keys, self.methods)):
             value, st = m(params["adapters"][k], state.method_state[k], s_out, t_out,
-                          batch, jax.random.fold_in(rng, i + 1), models=models)
+                          batch, jax.random.fold_in(rng, i + 1), models=models,
+                          numbers=hparams[k])
             terms[k] = value
             new_ms[k] = st
-            total = total + m.weight * value
+            total = total + hparams[k]["weight"] * value
         terms["total"] = total
         return total, (new_bs, new_ms, terms)
 
@@ -226,6 +245,15 @@ class Distiller:
         return state, terms
 
     # -- one epoch on device ---------------------------------------------------------
+    def step_fn(self, state: TrainState, teacher_vars, batch, rng):
+        """:meth:`train_step` in the calling convention of :mod:`kdjax.train.epoch`; the
+        terms also hold ``NONFINITE``: 1.0 when a parameter became NaN/Inf (the
+        divergence guard of :func:`~kdjax.train.fit`), else 0.0."""
+        state, terms = self.train_step(state, teacher_vars, batch, rng)
+        finite = jnp.stack([jnp.isfinite(p).all()
+                            for p in jax.tree_util.tree_leaves(state.params)]).all()
+        return state, {**terms, NONFINITE: 1.0 - finite.astype(jnp.float32)}
+
     def epoch_fn(self, batch_size: int, mesh: Mesh | None = None,
                  index_fn: Callable[[jax.Array, int], jax.Array] | None = None):
         """``epoch(state, teacher_vars, data) -> (state, mean terms)``, not yet jitted.
@@ -233,96 +261,41 @@ class Distiller:
         ``data`` is a dict of device arrays with equal leading dimension N (``x``, ``y``,
         optional ``weights``, ``label_mask``...). Each epoch draws a permutation from
         ``fold_in(seed_key, epoch)`` and runs ``N // batch_size`` steps in a
-        ``lax.scan``. Pure, so it can be ``vmap``-ed over seeds.
+        ``lax.scan`` (:func:`kdjax.train.epoch.epoch_fn`). Pure, so it can be
+        ``vmap``-ed over seeds.
 
         ``index_fn(key, n) -> int[steps, batch_size]`` replaces the random permutation
         with another jittable batch plan (e.g. CoSS's teacher-neighbour batches from
         :mod:`kdjax.data.neighbors`).
         """
-        def epoch(state: TrainState, teacher_vars, data):
-            key, idx = self._epoch_plan(state, data, batch_size, index_fn)
-
-            def body(st, inp):
-                i, rows = inp
-                return self._step_at(st, teacher_vars, data, key, i, rows, mesh)
-
-            state, terms = jax.lax.scan(body, state, (jnp.arange(idx.shape[0]), idx))
-            return state.replace(epoch=state.epoch + 1), jax.tree_util.tree_map(
-                jnp.mean, terms)
-
-        return epoch
+        return epoch_lib.epoch_fn(self.step_fn, batch_size, index_fn=index_fn, mesh=mesh)
 
     def _epoch_plan(self, state: TrainState, data, batch_size: int, index_fn):
         """``(key, idx[steps, batch_size])`` of the epoch ``state.epoch``."""
+        key = epoch_lib.default_epoch_key(state)
         n = jax.tree_util.tree_leaves(data)[0].shape[0]
-        steps = n // batch_size
-        if steps == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
-        key = jax.random.fold_in(state.seed_key, state.epoch)
-        if index_fn is None:
-            perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-            return key, perm[: steps * batch_size].reshape(steps, batch_size)
-        idx = index_fn(jax.random.fold_in(key, 0), n)
-        if idx.ndim != 2 or idx.shape[1] != batch_size:
-            raise ValueError(f"index_fn must return int[steps, {batch_size}], "
-                             f"got shape {idx.shape}.")
-        return key, idx
+        return key, epoch_lib.batch_plan(jax.random.fold_in(key, 0), n, batch_size, index_fn)
 
-    def _step_at(self, state, teacher_vars, data, key, i, rows, mesh):
-        """Step ``i`` of an epoch: gather ``rows`` of ``data`` on device, then train."""
-        batch = jax.tree_util.tree_map(lambda a: a[rows], data)
-        if mesh is not None:
-            batch = jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
-        return self.train_step(state, teacher_vars, batch, jax.random.fold_in(key, i + 1))
+    def make_epoch(self, batch_size: int, mesh: Mesh | None = None, *, mode: str = "scan",
+                   num_seeds: int = 0, index_fn=None):
+        """A new jitted epoch runner ``run(state, teacher_vars, data) -> (state, mean
+        terms)`` (:func:`kdjax.train.epoch.make_epoch`); keep it to reuse its program."""
+        return epoch_lib.make_epoch(self.step_fn, batch_size, mode=mode, num_seeds=num_seeds,
+                                    mesh=mesh, index_fn=index_fn)
 
     def loop_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
                    index_fn=None):
-        """Like :meth:`jit_epoch` but a Python loop over jitted steps (same numbers).
-
-        Data stay on device and each step gathers its rows inside the compiled step,
-        so the only per-step host work is the dispatch. On XLA:CPU a convolutional step
-        inside ``lax.scan`` runs markedly slower than the same step jitted alone (see
-        ``benchmarks/train_step.py``); this mode avoids that. Cached like ``jit_epoch``.
-        """
-        cache = self.__dict__.setdefault("_loop_cache", {})
-        ckey = (batch_size, mesh, num_seeds, index_fn)
-        if ckey not in cache:
-            plan = lambda st, d: self._epoch_plan(st, d, batch_size, index_fn)
-            # the step picks its rows of the epoch plan itself: one dispatch per step
-            step = lambda st, tv, d, k, i, idx: self._step_at(st, tv, d, k, i, idx[i], mesh)
-            bump = lambda st: st.replace(epoch=st.epoch + 1)
-            if num_seeds:
-                plan = jax.vmap(plan, in_axes=(0, None))
-                step = jax.vmap(step, in_axes=(0, None, None, 0, None, 0))
-                bump = jax.vmap(bump)
-            plan, bump = jax.jit(plan), jax.jit(bump, donate_argnums=(0,))
-            step = jax.jit(step, donate_argnums=(0,))
-
-            def epoch(state, teacher_vars, data):
-                key, idx = plan(state, data)
-                terms = []
-                for i in range(idx.shape[-2]):
-                    state, t = step(state, teacher_vars, data, key, i, idx)
-                    terms.append(t)
-                mean = jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v), 0), *terms)
-                return bump(state), mean
-
-            cache[ckey] = epoch
-        return cache[ckey]
+        """The loop-mode runner (one compiled step, a Python loop over steps; same numbers
+        as :meth:`jit_epoch`); shared per distiller and arguments (:meth:`epoch_runner`)."""
+        return self.epoch_runner(batch_size, None, mesh, num_seeds=num_seeds,
+                                 index_fn=index_fn, mode="loop")
 
     def jit_epoch(self, batch_size: int, mesh: Mesh | None = None, *, num_seeds: int = 0,
                   index_fn=None):
-        """Jitted epoch with the state donated; ``num_seeds > 0`` vmaps over a leading
-        seed axis of the state (seeds as one program). Cached per distiller and
-        arguments, so repeated ``fit`` calls reuse the compiled program."""
-        cache = self.__dict__.setdefault("_epoch_cache", {})
-        key = (batch_size, mesh, num_seeds, index_fn)
-        if key not in cache:
-            fn = self.epoch_fn(batch_size, mesh, index_fn)
-            if num_seeds:
-                fn = jax.vmap(fn, in_axes=(0, None, None))
-            cache[key] = jax.jit(fn, donate_argnums=(0,))
-        return cache[key]
+        """The scan-mode runner (one compiled ``lax.scan`` per epoch, state donated);
+        ``num_seeds > 0`` vmaps over a leading seed axis of the state."""
+        return self.epoch_runner(batch_size, None, mesh, num_seeds=num_seeds,
+                                 index_fn=index_fn, mode="scan")
 
     def resolve_epoch_mode(self, example_x, mesh: Mesh | None = None) -> str:
         """The epoch mode :func:`~kdjax.train.fit` uses: ``epoch_mode`` unless "auto".
@@ -335,7 +308,7 @@ class Distiller:
         canonicalised; a convolutional teacher's forward pass is not affected, and for
         dense students the scan is faster (no per-step dispatch);
         ``benchmarks/train_step.py`` measures both modes. The check traces the student
-        abstractly on ``example_x`` (shapes only; nothing runs), cached per distiller.
+        abstractly on ``example_x`` (shapes only; nothing runs or compiles).
         """
         if self.epoch_mode != "auto":
             return self.epoch_mode
@@ -343,42 +316,105 @@ class Distiller:
                     else jax.default_backend())
         if platform != "cpu":
             return "scan"
-        cache = self.__dict__.setdefault("_mode_cache", {})
-        shape = (tuple(example_x.shape[1:]), str(example_x.dtype))
-        if shape not in cache:
-            x = jax.ShapeDtypeStruct((1, *shape[0]), example_x.dtype)
-            jaxpr = jax.make_jaxpr(
-                lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
-            cache[shape] = "loop" if "conv_general_dilated" in primitives(jaxpr) else "scan"
-        return cache[shape]
+        x = jax.ShapeDtypeStruct((1, *example_x.shape[1:]), example_x.dtype)
+        jaxpr = jax.make_jaxpr(
+            lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
+        return "loop" if "conv_general_dilated" in primitives(jaxpr) else "scan"
+
+    def seeds_mode(self, example_x) -> str:
+        """How several seeds should train: ``"vmap"`` (one program over a stacked state)
+        or ``"sequential"`` (one run after the other), by a rule from measurements.
+
+        Rule: ``"sequential"`` when the student convolves, else ``"vmap"``. Why:
+        vmapping a convolution over per-seed kernels makes it a grouped convolution
+        (``feature_group_count = S``), which XLA runs no faster than ``S`` separate
+        ones on CPU (0.94-1.18x, ``benchmarks/seeds.py``) and slower on GPU (0.48x for
+        ResNet-8x4 on an H100), while vmapped dense students batch their matmuls
+        (3.3-4.9x on a GPU; on CPU see ``benchmarks/seeds.py``'s ``auto`` column). The
+        check traces the student abstractly (nothing compiles).
+        """
+        x = jax.ShapeDtypeStruct((1, *example_x.shape[1:]), example_x.dtype)
+        jaxpr = jax.make_jaxpr(
+            lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
+        return "sequential" if "conv_general_dilated" in primitives(jaxpr) else "vmap"
 
     def epoch_runner(self, batch_size: int, example_x, mesh: Mesh | None = None, *,
-                     num_seeds: int = 0, index_fn=None):
-        """:meth:`loop_epoch` or :meth:`jit_epoch`, as :meth:`resolve_epoch_mode` says."""
-        mode = self.resolve_epoch_mode(example_x, mesh)
-        runner = self.loop_epoch if mode == "loop" else self.jit_epoch
-        return runner(batch_size, mesh, num_seeds=num_seeds, index_fn=index_fn)
+                     num_seeds: int = 0, index_fn=None, mode: str | None = None):
+        """The jitted epoch runner of this distiller for these arguments, in ``mode``
+        (default: :meth:`resolve_epoch_mode` on ``example_x``).
+
+        Runners are built by :meth:`make_epoch` and kept in a module-level table keyed
+        by :meth:`signature`, so repeated ``fit`` calls (sequential seeds, KD-AIF's
+        stages) and distillers that differ only in traced numbers reuse one compiled
+        program.
+        """
+        mode = self.resolve_epoch_mode(example_x, mesh) if mode is None else mode
+        table = _RUNNERS.setdefault(self.signature(), {})
+        key = ("epoch", batch_size, mesh, num_seeds, index_fn, mode)
+        if key not in table:
+            table[key] = self.make_epoch(batch_size, mesh, mode=mode, num_seeds=num_seeds,
+                                         index_fn=index_fn)
+        return table[key]
 
     def student_apply(self, state: TrainState):
         """``x -> (logits, features)`` of the student in eval mode."""
         return lambda x: self._student_out(state.params, state.batch_stats, x, False)[0]
 
+    def predictor(self, batch_size: int = 512, mesh: Mesh | None = None, *,
+                  num_seeds: int = 0):
+        """``run(state, x) -> logits`` of the student (eval mode) over ``x`` (numpy).
+
+        One compiled program per (batch size, mesh, seeds) whatever ``len(x)``: ``x`` is
+        padded to a multiple of ``batch_size`` on the host and each batch goes through
+        the same jitted forward pass (padding rows are dropped). ``num_seeds > 0``: a
+        state with a leading seed axis gives ``logits[seeds, N, C]``, all seeds in one
+        program. ``state`` needs only ``params["student"]`` and ``batch_stats``. Shared
+        per distiller and arguments, like :meth:`epoch_runner`."""
+        _check_batch_size(batch_size)
+        table = _RUNNERS.setdefault(self.signature(), {})
+        key = ("predict", batch_size, mesh, num_seeds)
+        if key not in table:
+            def forward(params, batch_stats, xb):
+                if mesh is not None:
+                    xb = jax.lax.with_sharding_constraint(xb, data_sharding(mesh))
+                out = self._student_out({"student": params}, batch_stats, xb, False)[0]
+                return out[0].astype(jnp.float32)
+
+            if num_seeds:
+                forward = jax.vmap(forward, in_axes=(0, 0, None))
+            forward = jax.jit(forward)
+
+            def run(state, x):
+                x = np.asarray(x)
+                xs = _pad_batches(x, batch_size, mesh)
+                params, bs = state.params["student"], state.batch_stats
+                out = [forward(params, bs, xb) for xb in xs]
+                out = np.concatenate(jax.device_get(out), axis=-2)
+                return out[..., : x.shape[0], :]
+
+            table[key] = run
+        return table[key]
+
+    def init_seeds(self, seeds, example_x, teacher_vars=None) -> TrainState:
+        """``init`` of every seed in ``seeds`` (ints: ``PRNGKey(seed)``), stacked along a
+        leading seed axis, as one compiled program (shared per distiller and shapes)."""
+        table = _RUNNERS.setdefault(self.signature(), {})
+        if "init" not in table:
+            table["init"] = jax.jit(jax.vmap(
+                lambda s, x, tv, hp: self.init(jax.random.PRNGKey(s), x, tv, hp),
+                in_axes=(0, None, None, None)))
+        return table["init"](np.asarray(seeds, np.int32), np.asarray(example_x),
+                             teacher_vars, self.hyperparameters())
+
     def predict(self, state: TrainState, x: np.ndarray, batch_size: int = 512,
                 mesh: Mesh | None = None) -> np.ndarray:
-        """Student logits over ``x`` (eval mode), batched and padded like :func:`predict`.
+        """Student logits over ``x`` (eval mode), batched and padded like :func:`predict`
+        (:meth:`predictor`: repeated evaluations do not recompile)."""
+        return self.predictor(batch_size, mesh)(state, x)
 
-        The compiled program is cached per (batch size, mesh), so repeated evaluations
-        during training do not recompile.
-        """
-        _check_batch_size(batch_size)
-        cache = self.__dict__.setdefault("_predict_cache", {})
-        key = (batch_size, mesh)
-        if key not in cache:
-            apply = lambda v, xb: self._student_out(v[0], v[1], xb, False)[0]
-            cache[key] = jax.jit(_batched_logits(apply, mesh))
-        xs = _pad_batches(x, batch_size, mesh)
-        out = np.asarray(cache[key]((state.params, state.batch_stats), xs))
-        return out.reshape(-1, out.shape[-1])[: x.shape[0]]
+
+# jitted runners per Distiller.signature(): built once, shared by equal-structure distillers
+_RUNNERS: dict[tuple, dict] = {}
 
 
 def _pad_to(x: np.ndarray, multiple: int):
@@ -433,11 +469,15 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray 
     check_labels(np.asarray(labels), "labels", np.shape(logits)[-1], batch=np.shape(logits)[0])
     if teacher_logits is not None:
         check_same_shape(logits, teacher_logits, "logits", "teacher_logits")
-    stats = metrics_lib.batch_stats(
-        jnp.asarray(logits), jnp.asarray(labels), jnp.ones(len(labels)),
-        None if teacher_logits is None else jnp.asarray(teacher_logits),
-        group=None if groups is None else jnp.asarray(groups), num_groups=num_groups)
+    stats = _batch_stats(
+        np.asarray(logits), np.asarray(labels), np.ones(len(labels), np.float32),
+        None if teacher_logits is None else np.asarray(teacher_logits),
+        group=None if groups is None else np.asarray(groups), num_groups=num_groups)
     return metrics_lib.finalize(stats)
+
+
+# one compiled program per shape, shared by every evaluation in the process
+_batch_stats = jax.jit(metrics_lib.batch_stats, static_argnames=("num_bins", "num_groups"))
 
 
 def replicate(tree, mesh: Mesh | None):

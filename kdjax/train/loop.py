@@ -25,9 +25,13 @@ from tqdm.auto import tqdm
 from kdjax.data.stream import Stream
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.distributed import stream_epoch_runner
-from kdjax.train.engine import Distiller, TrainState, evaluate, replicate
+from kdjax.train.engine import NONFINITE, Distiller, TrainState, evaluate, replicate
 
-__all__ = ["EvalSet", "Evaluation", "FitResult", "fit", "num_seeds_of"]
+__all__ = ["DivergenceError", "EvalSet", "Evaluation", "FitResult", "fit", "num_seeds_of"]
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite parameters (a diverged run)."""
 
 
 class EvalSet(dict):
@@ -92,16 +96,36 @@ def num_seeds_of(state: TrainState) -> int:
 
 
 def _seed_slice(tree, s: int | None):
+    """Seed ``s`` of a host (numpy) pytree; ``None``: the tree itself."""
     return tree if s is None else jax.tree_util.tree_map(lambda a: a[s], tree)
 
 
-def _evaluate_state(distiller: Distiller, state: TrainState, eval_sets, batch_size, mesh):
-    out = {}
+def _evaluate_seeds(predict, state: TrainState, eval_sets, seeds) -> list[dict]:
+    """Metrics of every seed on every eval set; all seeds in one forward program."""
+    out = [{} for _ in seeds]
     for name, es in eval_sets.items():
-        logits = distiller.predict(state, es["x"], batch_size, mesh)
-        out[name] = evaluate(logits, es["y"], es.get("teacher_logits"), es.get("groups"),
-                             es.get("num_groups", 0))
+        logits = predict(state, es["x"])
+        for si, s in enumerate(seeds):
+            out[si][name] = evaluate(logits if s is None else logits[s], es["y"],
+                                     es.get("teacher_logits"), es.get("groups"),
+                                     es.get("num_groups", 0))
     return out
+
+
+def _check_finite(terms, seeds, epoch: int, desc: str):
+    """Raises :class:`DivergenceError` naming ``desc``, the seed index and the epoch
+    when a mean loss term or the parameters of any seed are not finite."""
+    flags = np.reshape(np.asarray(terms.pop(NONFINITE, 0.0)), -1)
+    for si, s in enumerate(seeds):
+        j = 0 if s is None else s
+        bad = [k for k, v in terms.items() if not np.isfinite(np.reshape(v, -1)[j])]
+        what = ([f"loss terms {bad}"] if bad else []) + \
+            (["parameters"] if flags[min(j, flags.size - 1)] > 0 else [])
+        if what:
+            raise DivergenceError(
+                f"{desc}: training diverged at epoch {epoch} (seed index {si}): non-finite "
+                f"{' and '.join(what)}. Lower the learning rate or check the inputs; "
+                "nothing of this run was returned as a result.")
 
 
 def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mapping[str, Any],
@@ -141,9 +165,10 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
 
     history: list[dict] = []
     # host copies: the device state is donated to the epoch function
+    host = jax.device_get((state.params["student"], state.batch_stats))
     best = [{"value": -np.inf, "epoch": -1, "metrics": None,
-             "params": jax.device_get(_seed_slice(state.params["student"], s)),
-             "batch_stats": jax.device_get(_seed_slice(state.batch_stats, s))} for s in seeds]
+             "params": _seed_slice(host[0], s), "batch_stats": _seed_slice(host[1], s)}
+            for s in seeds]
     start = 0
     if checkpointer is not None:
         restored = checkpointer.restore_latest({"state": state, "best": _best_arrays(best)})
@@ -162,20 +187,22 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
         data, epoch_fn = None, stream_epoch_runner(distiller, train_data, batch_size, mesh,
                                                    index_fn=index_fn)
     else:
-        data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
+        data = replicate(jax.device_put(dict(train_data)), mesh)
         epoch_fn = distiller.epoch_runner(batch_size, data["x"], mesh, num_seeds=num_seeds,
                                           index_fn=index_fn)
+    predict = distiller.predictor(evaluation.batch_size, mesh, num_seeds=num_seeds)
 
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False,
                initial=start, total=epochs)
     for e in bar:
         state, terms = epoch_fn(state, tvars, data)
+        terms = jax.device_get(terms)
+        _check_finite(terms, seeds, e + 1, desc)
         last = e + 1 == epochs
         if eval_sets and ((e + 1) % evaluation.every == 0 or last):
-            for si, s in enumerate(seeds):
-                st = _seed_slice(state, s)
-                metrics = _evaluate_state(distiller, st, eval_sets, evaluation.batch_size,
-                                          mesh)
+            host = None
+            for si, (s, metrics) in enumerate(zip(seeds, _evaluate_seeds(
+                    predict, state, eval_sets, seeds))):
                 row = {"epoch": e + 1, "seed_index": si,
                        "train": {k: float(np.asarray(v).reshape(-1)[si if s is not None else 0])
                                  for k, v in terms.items()},
@@ -184,9 +211,12 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
                 if select_on is not None:
                     value = metrics[select_on][evaluation.metric]
                     if value > best[si]["value"]:
+                        if host is None:
+                            host = jax.device_get((state.params["student"],
+                                                   state.batch_stats))
                         best[si].update(value=value, epoch=e + 1, metrics=metrics,
-                                        params=jax.device_get(st.params["student"]),
-                                        batch_stats=jax.device_get(st.batch_stats))
+                                        params=_seed_slice(host[0], s),
+                                        batch_stats=_seed_slice(host[1], s))
             if progress:
                 bar.set_postfix({k: f"{v['accuracy']:.3f}" for k, v in metrics.items()})
         if checkpointer is not None and ((e + 1) % checkpoint_every == 0 or last):
@@ -194,10 +224,10 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
                               {"history": history, "best": _best_info(best)})
     bar.close()
     if select_on is None:
+        host = jax.device_get((state.params["student"], state.batch_stats))
         for si, s in enumerate(seeds):
-            st = _seed_slice(state, s)
-            best[si].update(epoch=epochs, params=jax.device_get(st.params["student"]),
-                            batch_stats=jax.device_get(st.batch_stats),
+            best[si].update(epoch=epochs, params=_seed_slice(host[0], s),
+                            batch_stats=_seed_slice(host[1], s),
                             metrics=history[-1] if history else None)
     return FitResult(state=state, best=best, history=history)
 

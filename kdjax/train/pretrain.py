@@ -26,8 +26,9 @@ state, the epoch and step counters, the method states. The stage has its own opt
 (``fold_in(fold_in(seed_key, PRETRAIN_STREAM), epoch)``), so it does not shift the keys
 of the distillation epochs.
 
-Epochs are one jitted ``lax.scan`` like :meth:`Distiller.epoch_fn` (dropping ``N mod B``
-examples of a fresh permutation), vmappable over a leading seed axis.
+Epochs run through the one epoch loop of :mod:`kdjax.train.epoch` in scan mode (one
+jitted ``lax.scan``, dropping ``N mod B`` examples of a fresh permutation), vmapped over a
+leading seed axis; the loop's state is ``(state, opt_state, stage_epoch)``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from kdjax.train import epoch as epoch_lib
 from kdjax.train.engine import Distiller, TrainState, replicate
-from kdjax.train.sharding import data_sharding
 
-__all__ = ["pretrain", "pretrain_epoch_fn", "pretrain_keys", "pretrain_epochs",
+__all__ = ["pretrain", "pretrain_epoch_fn", "pretrain_step_fn", "pretrain_keys", "pretrain_epochs",
            "default_pretrain_optimizer", "PRETRAIN_STREAM"]
 
 PRETRAIN_STREAM = 0x50524554  # "PRET": key stream of the stage, apart from the epochs'
@@ -122,14 +123,10 @@ def _merge(params, trainable):
     return _deep_merge(params, trainable)
 
 
-def pretrain_epoch_fn(distiller: Distiller, tx: optax.GradientTransformation,
-                      batch_size: int, mesh: Mesh | None = None, *,
-                      train_student: bool | None = None) -> Callable:
-    """``epoch((state, opt_state), teacher_vars, data, epoch) -> ((state, opt_state),
-    mean pretrain loss)``, pure and not jitted (see :func:`pretrain`).
-
-    ``opt_state`` is ``tx.init`` of the trainable subtree (:func:`init_opt_state`).
-    """
+def pretrain_step_fn(distiller: Distiller, tx: optax.GradientTransformation, *,
+                     train_student: bool | None = None) -> Callable:
+    """``step((state, opt_state, e), teacher_vars, batch, rng) -> (carry, loss)``: one
+    optimiser step of the stage (:mod:`kdjax.train.epoch` convention)."""
     keys = pretrain_keys(distiller)
     if not keys:
         raise ValueError("no method of the distiller has a pretrain_loss; methods: "
@@ -162,37 +159,41 @@ def pretrain_epoch_fn(distiller: Distiller, tx: optax.GradientTransformation,
         return total, new_bs
 
     def step(carry, teacher_vars, batch, rng):
-        state, opt_state = carry
+        state, opt_state, e = carry
         trainable = _split(state.params, by_key, student_trained)
         (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, state, teacher_vars, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         state = state.replace(params=_merge(state.params, trainable), batch_stats=new_bs)
-        return (state, opt_state), loss
+        return (state, opt_state, e), loss
 
-    def epoch(carry, teacher_vars, data, epoch_index):
-        state, _ = carry
-        n = jax.tree_util.tree_leaves(data)[0].shape[0]
-        steps = n // batch_size
-        if steps == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n}).")
-        key = jax.random.fold_in(jax.random.fold_in(state.seed_key, PRETRAIN_STREAM),
-                                 epoch_index)
-        perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-        idx = perm[: steps * batch_size].reshape(steps, batch_size)
+    return step
 
-        def body(c, inp):
-            i, rows = inp
-            batch = jax.tree_util.tree_map(lambda a: a[rows], data)
-            if mesh is not None:
-                batch = jax.lax.with_sharding_constraint(batch, data_sharding(mesh))
-            return step(c, teacher_vars, batch, jax.random.fold_in(key, i + 1))
 
-        carry, losses = jax.lax.scan(body, carry, (jnp.arange(steps), idx))
-        return carry, jnp.mean(losses)
+def _stage_key(carry):
+    """Key of the stage's epoch ``e``: ``fold_in(fold_in(seed_key, PRETRAIN_STREAM), e)``."""
+    state, _, e = carry
+    return jax.random.fold_in(jax.random.fold_in(state.seed_key, PRETRAIN_STREAM), e)
 
-    return epoch
+
+def _next_stage_epoch(carry):
+    state, opt_state, e = carry
+    return state, opt_state, e + 1
+
+
+def pretrain_epoch_fn(distiller: Distiller, tx: optax.GradientTransformation,
+                      batch_size: int, mesh: Mesh | None = None, *,
+                      train_student: bool | None = None) -> Callable:
+    """``epoch((state, opt_state, e), teacher_vars, data) -> ((state, opt_state, e + 1),
+    mean pretrain loss)``, pure and not jitted (see :func:`pretrain`).
+
+    ``opt_state`` is ``tx.init`` of the trainable subtree (:func:`init_opt_state`), ``e``
+    the stage's epoch index (int32).
+    """
+    step = pretrain_step_fn(distiller, tx, train_student=train_student)
+    return epoch_lib.epoch_fn(step, batch_size, mesh=mesh, epoch_key=_stage_key,
+                              advance=_next_stage_epoch)
 
 
 def init_opt_state(distiller: Distiller, tx: optax.GradientTransformation,
@@ -238,18 +239,20 @@ def pretrain(distiller: Distiller, state: TrainState, teacher_vars,
     if epochs == 0:
         return state
     tx = default_pretrain_optimizer() if tx is None else tx
-    fn = pretrain_epoch_fn(distiller, tx, batch_size, mesh, train_student=train_student)
-    init = lambda st: init_opt_state(distiller, tx, st, train_student=train_student)  # noqa: E731
-    if num_seeds:
-        fn = jax.vmap(fn, in_axes=(0, None, None, None))
-        init = jax.vmap(init)
-    run = jax.jit(fn, donate_argnums=(0,))
+    step = pretrain_step_fn(distiller, tx, train_student=train_student)
+    run = epoch_lib.make_epoch(step, batch_size, mode="scan", num_seeds=num_seeds, mesh=mesh,
+                               epoch_key=_stage_key, advance=_next_stage_epoch)
+
+    def init(st):
+        opt = init_opt_state(distiller, tx, st, train_student=train_student)
+        return st, opt, jnp.zeros((), jnp.int32)
+
     state = replicate(state, mesh)
-    carry = (state, replicate(jax.jit(init)(state), mesh))
-    data = replicate(jax.tree_util.tree_map(jnp.asarray, dict(train_data)), mesh)
+    carry = replicate(jax.jit(jax.vmap(init) if num_seeds else init)(state), mesh)
+    data = replicate(jax.device_put(dict(train_data)), mesh)
     tvars = replicate(teacher_vars, mesh)
-    for e in range(epochs):
-        carry, loss = run(carry, tvars, data, jnp.asarray(e, jnp.int32))
+    for _ in range(epochs):
+        carry, loss = run(carry, tvars, data)
         if history is not None:
             history.append(jax.device_get(loss).tolist())
     return carry[0]

@@ -14,8 +14,8 @@ import optax
 import pytest
 
 from kdjax import methods, models
-from kdjax.train import (Checkpointer, Distiller, EvalSet, Evaluation, FitResult, fit,
-                         make_mesh, make_optimizer)
+from kdjax.train import (Checkpointer, DivergenceError, Distiller, EvalSet, Evaluation,
+                         FitResult, count_compilations, fit, make_mesh, make_optimizer)
 
 
 def _data(n=256, seed=0):
@@ -109,8 +109,8 @@ def test_no_recompilation_after_first_epoch():
 
 
 def test_loop_mode_does_not_recompile_after_first_epoch():
-    """The loop epoch (the 'auto' choice for conv students on CPU) compiles its plan,
-    step and epoch-bump programs once; later epochs compile nothing."""
+    """The loop epoch (the 'auto' choice for conv students on CPU) compiles one step
+    program (the plan and the epoch bump live inside it); later epochs compile nothing."""
     from jax import monitoring
 
     d = _distiller()
@@ -120,7 +120,9 @@ def test_loop_mode_does_not_recompile_after_first_epoch():
     assert epoch is d.loop_epoch(32)
     state = d.init(0, data["x"][:2], tv)
     xs = jax.tree_util.tree_map(jnp.asarray, data)
-    state, _ = epoch(state, tv, xs)
+    with count_compilations() as first:
+        state, _ = epoch(state, tv, xs)
+    assert first.count == 1
     compiles = []
     listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
     monitoring.register_event_duration_secs_listener(listener)
@@ -282,14 +284,19 @@ def test_precomputed_teacher_logits_equal_online_teacher():
     np.testing.assert_allclose(_flat(a.params), _flat(b.params), rtol=1e-5, atol=1e-6)
 
 
-def test_evaluation_does_not_recompile_across_epochs():
+def test_second_fit_and_its_evaluations_compile_nothing():
+    """fit's epoch and evaluation programs are built once per distiller: a second fit
+    (another seed, with evaluation every epoch) compiles nothing."""
     d = _distiller()
     data = _data()
     tv = _teacher_vars(d.teacher, data["x"])
-    fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=4, batch_size=32, progress=False,
-        evaluation=Evaluation({"val": EvalSet(x=data["x"][:100], y=data["y"][:100])}))
-    (compiled,) = d.__dict__["_predict_cache"].values()
-    assert compiled._cache_size() == 1
+    ev = Evaluation({"val": EvalSet(x=data["x"][:100], y=data["y"][:100])})
+    fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=2, batch_size=32, progress=False,
+        evaluation=ev)
+    state = d.init(1, data["x"][:2], tv)
+    with count_compilations() as c:
+        res = fit(d, state, tv, data, epochs=3, batch_size=32, progress=False, evaluation=ev)
+    assert c.count == 0 and len(res.history) == 3
     from kdjax.train import predict
     st = d.init(0, data["x"][:2], tv)
     ref = predict(d.student_apply(st), data["x"][:100], 64)
@@ -341,3 +348,36 @@ def test_auto_epoch_mode_picks_loop_for_convolutions_on_cpu():
     d = Distiller(cnn, ce, tx)
     assert d.epoch_runner(2, x) is d.loop_epoch(2)
     assert Distiller(mlp, ce, tx).epoch_runner(2, x) is not None
+
+
+@pytest.mark.parametrize("num_seeds", [0, 2])
+def test_divergence_stops_fit_naming_desc_seed_and_epoch(num_seeds, tmp_path):
+    """A learning rate of 1e30 makes the parameters non-finite in the first epoch: fit
+    raises naming the run, the seed index and the epoch, and checkpoints nothing."""
+    d = _distiller(lr=1e30)
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    if num_seeds:
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in range(num_seeds)])
+        state = jax.vmap(lambda k: d.init(k, data["x"][:2], tv))(keys)
+    else:
+        state = d.init(0, data["x"][:2], tv)
+    ck = Checkpointer(str(tmp_path / "ck"))
+    with pytest.raises(DivergenceError,
+                       match=r"cell-a: training diverged at epoch 1 \(seed index 0\): "
+                             r"non-finite .*parameters"):
+        fit(d, state, tv, data, epochs=3, batch_size=32, progress=False, desc="cell-a",
+            checkpointer=ck, evaluation=Evaluation({"val": EvalSet(x=data["x"][:64],
+                                                                   y=data["y"][:64])},
+                                                   select_on="val"))
+    assert ck.steps() == []
+
+
+def test_finite_run_history_has_no_divergence_flag():
+    d = _distiller()
+    data = _data()
+    tv = _teacher_vars(d.teacher, data["x"])
+    res = fit(d, d.init(0, data["x"][:2], tv), tv, data, epochs=1, batch_size=32,
+              progress=False, evaluation=Evaluation({"val": EvalSet(x=data["x"][:64],
+                                                                    y=data["y"][:64])}))
+    assert set(res.history[0]["train"]) == {"ce", "kd", "total"}
