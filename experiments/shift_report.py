@@ -20,7 +20,7 @@ MAIN = [("target_accuracy", "Target-domain accuracy", True),
         ("in_accuracy", "In-domain accuracy (test_in)", True),
         ("drop", "In-domain minus target accuracy (drop)", False),
         ("target_ece", "Target ECE (15 bins)", False),
-        ("target_nll", "Target NLL", False),
+        ("target_nll", "Target NLL (nats, not %)", False),
         ("target_agreement", "Teacher-student top-1 agreement on the target", True)]
 CORR = [("target_worst_group_accuracy", "Worst-group accuracy on the target", True),
         ("target_spurious_rate", "Rate of predictions equal to the spurious attribute "
@@ -66,7 +66,7 @@ def lodo_rows(rows) -> list[dict]:
 
 
 def table(rows, metric: str, methods, cols, *, broken=(), higher=True, baseline=None,
-          teacher="erm") -> str:
+          teacher="erm", scale: float = 100.0) -> str:
     """``mean ± std (rank)`` per method x column; ``†`` = broken (not ranked); mean rank
     over the ranked columns; with ``baseline`` the paired differences with 95% CIs."""
     rs = [r for r in rows if r["teacher"] == teacher]
@@ -82,7 +82,8 @@ def table(rows, metric: str, methods, cols, *, broken=(), higher=True, baseline=
         cells, rk = [], []
         for c in cols:
             t = tab.get((m, c))
-            text = "-" if t is None else kx.format_mean_std(t["mean"], t["std"])
+            text = "-" if t is None else kx.format_mean_std(t["mean"], t["std"], scale,
+                                                            1 if scale == 100 else 2)
             if (c, teacher, m) in broken:
                 text += " †"
             elif (m, c) in rank and not math.isnan(rank[(m, c)]):
@@ -204,7 +205,7 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
         parts += [f"## {title} (ERM teacher)", "",
                   table(rows, metric, methods, cols, broken=broken, higher=higher,
                         baseline=base if metric in ("target_accuracy", "in_accuracy")
-                        else None), ""]
+                        else None, scale=1.0 if metric == "target_nll" else 100.0), ""]
     for metric, title, higher in CORR if corr else ():
         parts += [f"## {title} (ERM teacher; groups = label x [attribute != label])", "",
                   table(rows, metric, methods, corr, broken=broken, higher=higher,
