@@ -20,12 +20,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (evaluate_student, fit_seeds, labelled_subset, load_splits,
-                                teacher_and_logits)
+from experiments.common import fit_students, labelled_subset, load_splits, study_teacher
 from kdjax import experiment as kx
 from kdjax import methods, models
-from kdjax.train import Distiller, EvalSet, Evaluation, make_mesh, make_optimizer
-from kdjax.train.engine import evaluate
+from kdjax.train import make_mesh
 
 # Methods that read nothing but the teacher's logits: their teacher outputs can be
 # computed once for the whole training set instead of every step.
@@ -36,7 +34,7 @@ METRICS = (kx.Metric("test_accuracy"), kx.Metric("test_agreement"),
 
 def train_students(cfg, run, seeds, splits, teacher, mesh, ckpt_dir):
     """Trains the given seeds of one run; one result row per seed."""
-    train, val, test = splits
+    train = splits[0]
     module, tvars, logits = teacher
     built = tuple(methods.build(m) for m in run["methods"])
     only_ce = all(m.name == "ce" for m in built)
@@ -50,36 +48,21 @@ def train_students(cfg, run, seeds, splits, teacher, mesh, ckpt_dir):
             data["teacher_logits"] = logits["train"]
     # The same number of optimiser steps for every run.
     b = cfg.student.batch_size
-    total_steps = cfg.student.epochs * (len(train) // b)
-    steps_per_epoch = len(data["x"]) // b
-    epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-    tx = make_optimizer(cfg.student.optimizer, total_steps=epochs * steps_per_epoch,
-                        steps_per_epoch=steps_per_epoch)
+    epochs = max(1, math.ceil(cfg.student.epochs * (len(train) // b) / (len(data["x"]) // b)))
     dtype = jnp.dtype(cfg.compute_dtype)
     student = models.create(cfg.student.model, train.num_classes, dtype=dtype,
                             **cfg.student.model_kwargs.to_dict())
-    distiller = Distiller(student, built, tx, teacher=module, compute_dtype=dtype,
-                          teacher_from_batch=precompute and not only_ce)
-    every = max(1, epochs // cfg.student.evaluations)  # evaluate + checkpoint this often
-    bests, history = fit_seeds(
-        distiller, tvars, data, seeds, vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir,
-        name=run["name"], example_x=train.x[:2], epochs=epochs, batch_size=b, mesh=mesh,
-        evaluation=Evaluation(
-            {"val": EvalSet(x=val.x, y=val.y, teacher_logits=logits["val"])}, every=every,
-            select_on="val"),
-        checkpoint_every=every, progress=cfg.progress, desc=run["name"])
-    rows = []
-    for i, best in enumerate(bests):
-        m = evaluate_student(student, best, test, logits["test"], mesh)
-        rows.append({
-            "test_accuracy": m["accuracy"], "test_agreement": m["agreement"],
-            "test_ece": m["ece"], "test_kl_to_teacher": m["kl_to_teacher"],
-            "val_accuracy": best["metrics"]["val"]["accuracy"], "best_epoch": best["epoch"],
-            "epochs": epochs, "global_batch_size": b, "train_examples": len(data["x"]),
-            "labelled_examples": int(mask.sum()), "methods": run["methods"],
-            "dataset": cfg.dataset.name,
-            "val_curve": [[h["epoch"], h["val"]["accuracy"]] for h in history
-                          if h.get("seed_index", 0) == i]})
+    _, history, rows = fit_students(
+        student, built, data, splits, logits, (module, tvars), seeds, epochs=epochs,
+        batch_size=b, optimizer=cfg.student.optimizer, evaluations=cfg.student.evaluations,
+        mesh=mesh, ckpt_dir=ckpt_dir, name=run["name"], vmap=cfg.vmap_seeds,
+        progress=cfg.progress, teacher_from_batch=precompute and not only_ce,
+        compute_dtype=dtype)
+    for i, r in enumerate(rows):
+        r.update(labelled_examples=int(mask.sum()), methods=run["methods"],
+                 dataset=cfg.dataset.name, val_curve=[
+                     [h["epoch"], h["val"]["accuracy"]] for h in history
+                     if h.get("seed_index", 0) == i])
     return rows
 
 
@@ -112,12 +95,7 @@ def main(argv=None):
     run.banner(f"{cfg.dataset.name}, {len(runs)} runs x {cfg.seeds} seeds")
 
     splits = load_splits(cfg.dataset)
-    module, tvars, tmeta, logits = teacher_and_logits(
-        cfg.teacher, cfg.dataset, *splits, cache_dir=cfg.cache_dir, mesh=mesh,
-        progress=cfg.progress)
-    t_acc = evaluate(logits["test"], splits[2].y)["accuracy"]
-    run.log(f"teacher {cfg.teacher.model}: test accuracy {100 * t_acc:.2f}% "
-            f"({'cached' if tmeta['cached'] else 'trained'})")
+    module, tvars, logits, t_acc = study_teacher(cfg, splits, mesh, run.log)
 
     rows = run.execute(cells, lambda cell, seeds: [
         dict(r, teacher_test_accuracy=t_acc) for r in train_students(

@@ -26,6 +26,8 @@ signals); overrides ``--config.seeds=5 --config.student.epochs=40
 --config.run_names="['ce', 'kd2m_exact_ot']"``.
 """
 
+import math
+
 import ml_collections
 
 from experiments.configs.common import cnn1d_teacher, validate_common
@@ -77,6 +79,17 @@ def make_runs(names, kd2m_weight="auto"):
     return runs
 
 
+VARIANTS = ["mnist1d", "digits", "quick", "paper:"]
+
+
+def config_for(variant: str | None):
+    """``(config module, get_config argument)`` of a command-line variant of the KD2M
+    driver: ``paper:<tfds name>`` is :mod:`experiments.configs.kd2m_paper`."""
+    if variant and variant.startswith("paper:"):
+        return "experiments.configs.kd2m_paper", variant[6:]
+    return "experiments.configs.kd2m", variant or "mnist1d"
+
+
 def get_config(variant: str = "mnist1d"):
     c = ml_collections.ConfigDict()
     c.out_dir = "runs/kd2m"
@@ -120,8 +133,17 @@ def get_config(variant: str = "mnist1d"):
         c.student.batch_size = 64
         c.teacher.batch_size = 64
         c.calibration_examples = 128
+    elif variant == "quick":   # a smoke run of a few minutes on a CPU
+        c.out_dir = "runs/kd2m_quick"
+        c.seeds = 2
+        c.dataset.num_train, c.dataset.num_test, c.dataset.val_size = 900, 200, 200
+        c.teacher.epochs, c.student.epochs, c.student.evaluations = 2, 2, 1
+        c.teacher.model_kwargs.channels = (8, 16)
+        c.student.model_kwargs.channels = (16,)
+        c.run_names = ["ce", "kd2m_exact_ot", "kd2m_gaussian_w2_cond"]
     elif variant != "mnist1d":
-        raise ValueError(f"unknown variant {variant!r}; valid: ['digits', 'mnist1d'].")
+        raise ValueError(f"unknown variant {variant!r}; valid: ['digits', 'mnist1d', "
+                         "'quick'].")
     return c
 
 
@@ -136,7 +158,7 @@ def validate(c):
             w = float(c.kd2m_weight)
         except (TypeError, ValueError):
             w = -1.0
-        if not w > 0:
+        if not (w > 0 and math.isfinite(w)):
             raise ValueError(f"config.kd2m_weight must be 'auto' or a positive number, got "
                              f"{c.kd2m_weight!r}.")
     if not c.kd2m_ratio > 0:
@@ -149,6 +171,8 @@ def validate(c):
     if not c.run_names:
         raise ValueError("config.run_names must name at least one run.")
     valid = sorted(BASELINES) + sorted(DISTANCES)
+    if len(set(c.run_names)) != len(c.run_names):
+        raise ValueError(f"config.run_names has duplicate entries: {list(c.run_names)}.")
     for n in c.run_names:
         if n not in valid:
             raise ValueError(f"config.run_names: unknown run {n!r}; valid runs: {valid}.")

@@ -110,6 +110,9 @@ def validate(c):
                              f"{s.dataset.val_size}.")
     if not c.methods:
         raise ValueError("config.methods must name at least one method.")
+    for key in ("methods", "setting_names"):
+        if len(set(c[key])) != len(c[key]):
+            raise ValueError(f"config.{key} has duplicate entries: {list(c[key])}.")
     bad = sorted(set(c.methods) - set(RUN_METHODS))
     if bad:
         raise ValueError(f"config.methods: unknown method(s) {bad}; valid: "

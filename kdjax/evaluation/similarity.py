@@ -1,4 +1,5 @@
-"""How alike two embeddings of the same examples are: linear CKA and k-NN overlap.
+"""How alike two embeddings are: linear CKA and k-NN overlap (same examples), and
+distances between their distributions (held-out KD2M distances).
 
 Used to measure manifold preservation in unsupervised distillation (CoSS, Singh & Wang,
 ECCV 2024, arXiv:2409.13939, argue that matching the teacher's embedding space keeps its
@@ -13,7 +14,7 @@ import numpy as np
 
 from kdjax._checks import check_choice
 
-__all__ = ["linear_cka", "knn_overlap"]
+__all__ = ["linear_cka", "knn_overlap", "feature_distances"]
 
 
 def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -93,3 +94,32 @@ def knn_overlap(x, y, k: int = 10, *, metric: str = "euclidean") -> float:
     nx, ny = _neighbours(x, k, metric), _neighbours(y, k, metric)
     shared = [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(nx, ny)]
     return float(np.mean(shared) / k)
+
+
+def feature_distances(x, y) -> dict[str, float]:
+    r"""Distances between the distributions of two embeddings ``x`` (e.g. a student's)
+    and ``y`` (the teacher's) of held-out examples (KD2M, arXiv:2504.01757, bounds the
+    target error by such a distance):
+
+    - ``w2``: exact squared 2-Wasserstein distance between the empirical measures
+      (:func:`kdjax.losses.exact_ot`, squared Euclidean cost);
+    - ``w2_rel``: ``w2`` divided by the total variance :math:`\sum_j \mathrm{Var}(y_j)`
+      of ``y`` (comparable across feature scales);
+    - ``gaussian_w2``: the closed-form W2^2 between Gaussians with the embeddings' means
+      and full covariances (:func:`kdjax.losses.gaussian_w2`).
+
+    Args:
+      x: ``[N, D]``; y: ``[M, D]`` (same width).
+    """
+    import jax.numpy as jnp
+
+    from kdjax import losses
+
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must be embeddings [N, D] of one width D, got shapes "
+                         f"{x.shape} and {y.shape}.")
+    w2 = float(losses.exact_ot(jnp.asarray(x), jnp.asarray(y)))
+    t_var = float(np.sum(np.var(y.astype(np.float64), axis=0)))
+    return {"w2": w2, "w2_rel": w2 / max(t_var, 1e-12),
+            "gaussian_w2": float(losses.gaussian_w2(jnp.asarray(x), jnp.asarray(y)))}

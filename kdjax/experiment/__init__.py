@@ -67,7 +67,7 @@ from kdjax.experiment.grid import (NOT_RESULT_KEYS, Cell, check_seeds, check_uni
                                    study_key)
 from kdjax.experiment.plots import plot_bars, plot_scatter, pyplot, save_figure
 from kdjax.experiment.run import (STALE_RULES, Run, RunError, StaleRowsError,
-                                  check_writable, cli)
+                                  check_writable, cli, parse_config)
 from kdjax.experiment.store import ResultsWarning, Store
 from kdjax.experiment.tables import (Metric, format_mean_std, markdown_table, mean_std,
                                      paired_ci95, paired_differences, pivot,
@@ -83,7 +83,7 @@ __all__ = [
     "expand", "parse_sweep", "study_cells", "study_key",
     # store and run
     "ResultsWarning", "Store", "STALE_RULES", "Run", "RunError", "StaleRowsError",
-    "check_writable", "cli",
+    "check_writable", "cli", "parse_config",
     # tables and plots
     "Metric", "format_mean_std", "markdown_table", "mean_std", "paired_ci95",
     "paired_differences", "pivot", "pivot_markdown", "ranks", "seeds_found", "summarize",

@@ -62,9 +62,13 @@ def plot_bars(table: Mapping[tuple[Any, Any], Mapping[str, Any]], row_order: Seq
 
 
 def plot_scatter(x_table, y_table, row_order: Sequence, col_order: Sequence, path: str, *,
-                 xlabel: str, ylabel: str, scale: float = 100.0, title: str = "") -> None:
+                 xlabel: str, ylabel: str, scale: float = 100.0, title: str = "",
+                 x_scale: float | None = None, log_x: bool = False,
+                 diagonal: bool = True) -> None:
     """One point per (row, column) at (x mean, y mean) with std error bars; colour =
-    column, marker = row."""
+    column, marker = row. ``x_scale`` (default ``scale``) scales x alone; ``log_x``: a
+    log x axis; ``diagonal``: the line y = x (for two metrics of one unit)."""
+    xs = scale if x_scale is None else x_scale
     plt = pyplot()
     markers = "osD^v<>pPX*hH8d"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -74,15 +78,18 @@ def plot_scatter(x_table, y_table, row_order: Sequence, col_order: Sequence, pat
             if (r, c) not in x_table or (r, c) not in y_table:
                 continue
             x, y = x_table[(r, c)], y_table[(r, c)]
-            ax.errorbar(scale * x["mean"], scale * y["mean"], xerr=scale * x["std"],
+            ax.errorbar(xs * x["mean"], scale * y["mean"], xerr=xs * x["std"],
                         yerr=scale * y["std"], fmt=markers[i % len(markers)],
                         color=colours[j % len(colours)], ms=5, capsize=2, alpha=0.85)
     for j, c in enumerate(col_order):
         ax.plot([], [], "s", color=colours[j % len(colours)], label=str(c))
     for i, r in enumerate(row_order):
         ax.plot([], [], markers[i % len(markers)], color="gray", label=str(r))
-    lo, hi = ax.get_xlim()
-    ax.plot([lo, hi], [lo, hi], ":", color="gray", lw=1)
+    if diagonal:
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], ":", color="gray", lw=1)
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

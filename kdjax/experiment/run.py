@@ -1,10 +1,12 @@
 """One run of a study: CLI entry, checks before training, resumable cells, the report.
 
-:meth:`Run.from_cli` parses ``[variant] [--quick] [--stale RULE] [--config.key=value
-...]`` (``--help`` prints the driver's docstring), loads and validates the config
-(:func:`~kdjax.experiment.config.load_config`: unknown keys list the valid ones, NaN/inf
-floats are refused, then the config module's ``validate``), and checks that the output
-and cache directories are writable and not full -- all before anything trains.
+:meth:`Run.from_cli` parses ``[variant] [--quick] [--stale RULE] [--no-xla-cache]
+[--config.key=value ...]`` (:func:`parse_config`; ``--help`` prints the driver's
+docstring), loads and validates the config (:func:`~kdjax.experiment.config.load_config`:
+unknown keys list the valid ones, NaN/inf floats are refused, then the config module's
+``validate``), checks that the output and cache directories are writable and not full --
+all before anything trains -- and turns on the persistent XLA compilation cache
+(:func:`kdjax.train.enable_compilation_cache`) under ``<cache_dir>/xla``.
 
 :meth:`Run.execute` runs the cells (:mod:`kdjax.experiment.grid`) whose rows are not in
 the store yet (:class:`~kdjax.experiment.store.Store`, ``<out_dir>/results.jsonl``),
@@ -48,7 +50,8 @@ from kdjax.experiment.grid import Cell
 from kdjax.experiment.store import Store
 from kdjax.experiment.tables import seeds_found
 
-__all__ = ["Run", "RunError", "StaleRowsError", "STALE_RULES", "cli", "check_writable"]
+__all__ = ["Run", "RunError", "StaleRowsError", "STALE_RULES", "cli", "check_writable",
+           "parse_config"]
 
 STALE_RULES = ("refuse", "rerun", "reuse")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -84,6 +87,50 @@ def _resolve(config, variant):
     return config, variant
 
 
+def parse_config(argv: Sequence[str] | None, *, name: str, config, doc: str = "",
+                 variants: Sequence[str] | None = None):
+    """``(config, options)`` from ``[variant] [--quick] [--stale RULE] [--no-xla-cache]
+    [--config.key=value ...]``; ``--help`` prints ``doc``. Nothing is created on disk.
+
+    ``config``: the config module (``get_config(variant)`` when a variant is given) or
+    ``variant -> (module, arg)``. ``variants``: accepted variant names, a name ending in
+    ``:`` accepts any suffix (``paper:cifar10``); ``None``: any; ``()``: no variant.
+    ``--quick`` means variant ``quick``. Config problems raise :class:`ConfigError`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = parse_cli(argv)
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="--config.<dotted.key>=<value> overrides any config "
+                                "value (an unknown key lists the valid keys).")
+    if variants != ():
+        p.add_argument("variant", nargs="?", default=None,
+                       help="config variant" + (f": one of {list(variants)}"
+                                                if variants else ""))
+        p.add_argument("--quick", action="store_true", help="the quick variant")
+    p.add_argument("--stale", choices=STALE_RULES, default="refuse",
+                   help="rows of other code: refuse (default), rerun or reuse them")
+    p.add_argument("--no-xla-cache", dest="xla_cache", action="store_false",
+                   help="no persistent XLA compilation cache (default: <cache_dir>/xla)")
+    opts = p.parse_args(rest)
+    variant = getattr(opts, "variant", None)
+    if getattr(opts, "quick", False):
+        if variant not in (None, "quick"):
+            raise ConfigError(f"--quick and variant {variant!r} both given.")
+        variant = "quick"
+    if variant is not None and variants and not any(
+            variant == v or (v.endswith(":") and variant.startswith(v)) for v in variants):
+        raise ConfigError(f"unknown variant {variant!r}; valid: {list(variants)}.")
+    opts.variant = variant
+    try:
+        module, arg = _resolve(config, variant)
+        cfg = load_config(module, overrides, arg)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(str(e)) from e
+    return cfg, opts
+
+
 class Run:
     """One invocation of a driver (see the module docstring).
 
@@ -117,43 +164,19 @@ class Run:
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None, *, name: str, config, doc: str = "",
                  variants: Sequence[str] | None = None, **kwargs) -> "Run":
-        """Parses the command line and returns a checked :class:`Run`.
-
-        ``config``: the config module (``get_config(variant)`` when a variant is given)
-        or ``variant -> (module, arg)``. ``variants``: accepted variant names (``None``:
-        any; ``()``: none). ``--quick`` means variant ``quick``."""
-        argv = list(sys.argv[1:] if argv is None else argv)
-        overrides, rest = parse_cli(argv)
-        p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                                    epilog="--config.<dotted.key>=<value> overrides any "
-                                    "config value (an unknown key lists the valid keys).")
-        if variants != ():
-            p.add_argument("variant", nargs="?", default=None,
-                           help="config variant" + (f": one of {list(variants)}"
-                                                    if variants else ""))
-            p.add_argument("--quick", action="store_true", help="the quick variant")
-        p.add_argument("--stale", choices=STALE_RULES, default="refuse",
-                       help="rows of other code: refuse (default), rerun or reuse them")
-        args = p.parse_args(rest)
-        variant = getattr(args, "variant", None)
-        if getattr(args, "quick", False):
-            if variant not in (None, "quick"):
-                raise ConfigError(f"--quick and variant {variant!r} both given.")
-            variant = "quick"
-        if variant is not None and variants and not any(
-                variant == v or (v.endswith(":") and variant.startswith(v)) for v in variants):
-            raise ConfigError(f"unknown variant {variant!r}; valid: {list(variants)}.")
-        module, arg = _resolve(config, variant)
-        try:
-            cfg = load_config(module, overrides, arg)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(str(e)) from e
-        run = cls(cfg, name=name, stale=args.stale, **kwargs)
-        run.variant = variant
+        """Parses the command line (:func:`parse_config`) and returns a checked
+        :class:`Run`: output and cache directories writable, and the persistent XLA
+        compilation cache on under ``<cache_dir>/xla`` (``--no-xla-cache``: off)."""
+        cfg, opts = parse_config(argv, name=name, config=config, doc=doc, variants=variants)
+        run = cls(cfg, name=name, stale=opts.stale, **kwargs)
+        run.variant = opts.variant
         run.check_paths()
+        import kdjax.train as train
+
+        enable = getattr(train, "enable_compilation_cache", None)   # engine's, once landed
+        if opts.xla_cache and enable is not None:
+            run.meta["xla_cache"] = enable(os.path.join(cfg.get("cache_dir") or run.out_dir,
+                                                        "xla"))
         return run
 
     def check_paths(self) -> None:

@@ -93,3 +93,19 @@ def test_knn_overlap_of_unrelated_embeddings_is_near_chance_and_errors():
         knn_overlap(x, y, 400)
     with pytest.raises(ValueError, match="metric"):
         knn_overlap(x, y, 3, metric="manhattan")
+
+
+def test_feature_distances_closed_forms():
+    from kdjax.evaluation import feature_distances
+
+    t = np.random.default_rng(4).normal(size=(40, 6)).astype(np.float32)
+    d0 = feature_distances(t, t)
+    assert abs(d0["w2"]) < 1e-4 and abs(d0["gaussian_w2"]) < 1e-3
+    # a pure shift by s in every one of 6 dims: W2^2 = 6 s^2 (exact and Gaussian)
+    far = feature_distances(t + 1.0, t)
+    np.testing.assert_allclose(far["w2"], 6.0, rtol=1e-4)
+    np.testing.assert_allclose(far["gaussian_w2"], 6.0, rtol=1e-3)
+    np.testing.assert_allclose(far["w2_rel"], 6.0 / np.var(t.astype(np.float64), 0).sum(),
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="one width"):
+        feature_distances(t, t[:, :3])

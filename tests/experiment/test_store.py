@@ -62,7 +62,7 @@ def test_a_cut_last_line_is_reported_skipped_and_kept(tmp_path):
 def test_a_garbled_middle_line_is_reported_and_kept(tmp_path):
     path = tmp_path / "r.jsonl"
     lines = [json.dumps(r) for r in _rows(3)]
-    lines[1] = lines[1][:10] + "@@@" + lines[1][10:]
+    lines[1] = lines[1][:-1] + "@@@"          # the closing brace garbled
     path.write_text("\n".join(lines) + "\n[1, 2]\n")
     with pytest.warns(ResultsWarning) as rec:
         rows = Store(str(path)).read()

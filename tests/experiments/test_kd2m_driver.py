@@ -92,7 +92,7 @@ def test_kd2m_driver_end_to_end_and_resume(tmp_path):
     assert by[("kd2m_exact_ot", 1)]["methods"] == by[("kd2m_exact_ot", 0)]["methods"]
     assert by[("ce", 0)]["lambda_calibration"] == {}
     table = open(tmp_path / "out" / "results.md").read()
-    assert "| kd2m_exact_ot |" in table and "heldout_w2" in table and "+-" in table
+    assert "| kd2m_exact_ot |" in table and "heldout_w2" in table and "±" in table
     assert os.path.exists(tmp_path / "out" / "results.png")
     kd2m.main(args)   # rerun: all rows done, nothing retrained or duplicated
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 6
