@@ -25,12 +25,19 @@ CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 @dataclasses.dataclass
 class Compilations:
-    """What :func:`count_compilations` saw: ``count`` XLA compilations taking
-    ``seconds`` in total, and ``cache_hits`` programs read from the persistent cache."""
+    """What :func:`count_compilations` saw: ``count`` XLA compilations (programs not
+    found in the persistent cache), ``cache_hits`` programs read from it, and
+    ``seconds`` spent in both. JAX reports a cache read as a backend-compile event
+    too (measured: 30 events for 30 hits on a warm cache), so ``count`` is the events
+    minus the hits."""
 
-    count: int = 0
+    events: int = 0
     seconds: float = 0.0
     cache_hits: int = 0
+
+    @property
+    def count(self) -> int:
+        return max(self.events - self.cache_hits, 0)
 
 
 @contextlib.contextmanager
@@ -41,7 +48,7 @@ def count_compilations():
 
     def on_duration(name, secs, **_):
         if name == BACKEND_COMPILE:
-            out.count += 1
+            out.events += 1
             out.seconds += float(secs)
 
     def on_event(name, **_):
