@@ -223,13 +223,18 @@ def test_clip_restricts_the_ball():
 
 def test_relu_relaxation_closed_form():
     # one unstable ReLU on [-1, 3]: CROWN upper line 3/4 (a + 1), lower alpha = 1 (u > -l).
-    fn = lambda z: jnp.maximum(z, 0.0)  # noqa: E731
+    # relu(a) - a/2 has the true range [0, 1.5]; IBP gives [0, 3] - [-0.5, 1.5]; CROWN
+    # gives a/2 >= -0.5 below and 3/4 (a + 1) - a/2 <= 1.5 above (exact).
+    fn = lambda z: jnp.maximum(z, 0.0) - 0.5 * z  # noqa: E731
     lo, up = crown_bounds(fn, jnp.array([[1.0]]), 2.0)
+    np.testing.assert_allclose(up, [[1.5]], rtol=1e-6)
+    np.testing.assert_allclose(lo, [[-0.5]], rtol=1e-6)
+    lo, up = ibp_bounds(fn, jnp.array([[1.0]]), 2.0)
+    np.testing.assert_allclose(lo, [[-1.5]], rtol=1e-6)
+    # a single ReLU: CROWN's line a >= -1 is intersected with IBP's 0 (never looser)
+    lo, up = crown_bounds(lambda z: jnp.maximum(z, 0.0), jnp.array([[1.0]]), 2.0)
+    np.testing.assert_allclose(lo, [[0.0]])
     np.testing.assert_allclose(up, [[3.0]])
-    np.testing.assert_allclose(lo, [[-1.0]])  # alpha = 1: a >= -1 (IBP gives the tighter 0)
-    # the specification -relu(a) uses the upper line: -(3/4)(a + 1) >= -3
-    lo, _ = crown_bounds(fn, jnp.array([[1.0]]), 2.0, C=jnp.array([[-1.0]]))
-    np.testing.assert_allclose(lo, [[-3.0]])
 
 
 class WithSin(nn.Module):
