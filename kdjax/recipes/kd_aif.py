@@ -24,7 +24,8 @@ authors' code, ``w = exp(minmax(-I))``; ``"sigmoid"``: the paper) with mean 1; h
 points get the larger weight. The engine's ``ce`` and ``kd`` methods honour
 ``batch["weights"]`` as ``(1/B) sum_i w_i l_i``.
 
-Procedures (all compose :func:`kdjax.train.fit`; the weights live in ``data["weights"]``):
+Frozen-teacher procedures (compose :func:`kdjax.train.fit`; the weights live in
+``data["weights"]``; :func:`frozen_teacher_run` runs one by name):
 
 * :func:`one_shot` (a): train with uniform weights, score every training point with the
   trained student, map to weights, retrain from the same initialisation.
@@ -36,10 +37,12 @@ Procedures (all compose :func:`kdjax.train.fit`; the weights live in ``data["wei
 * :func:`semi_supervised_data` (c): labelled subset + teacher pseudo-labels; the labels
   of unlabelled points are never stored (``y`` holds the teacher's argmax there and
   ``label_mask = 0`` keeps them out of CE).
-* :func:`mpl_teacher_grad` / :func:`mpl_step` / :func:`fit_mpl` (d): meta-pseudo-label
-  teacher update from the student's validation loss after one student step (Pham et
-  al. 2021), as KD-AIF updates the teacher with the student in the semi-supervised
-  setting.
+* :func:`fit_joint` (d), the paper's semi-supervised algorithm: teacher and student
+  train together; influence weights, re-scored on the loop's student
+  (:func:`make_joint_scorer`) every ``K`` epochs, scale the student's pseudo-label
+  loss, and the teacher takes the meta-pseudo-label feedback step (Pham et al. 2021;
+  :mod:`kdjax.recipes.mpl`) after each look-ahead; :func:`joint_step` is one step. The
+  reported student is the loop's student.
 
 Conventions: ``loss_fn(params, batch) -> [B]`` per-example losses, as in
 :mod:`kdjax.influence`; networks run in eval mode (BatchNorm running statistics) while
@@ -54,6 +57,7 @@ import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,9 +83,11 @@ __all__ = [
     "fit_periodic",
     "PROCEDURES",
     "frozen_teacher_run",
+    "mapping_of",
     "semi_supervised_data",
     "joint_step",
     "make_joint_scorer",
+    "JointState",
     "JointResult",
     "fit_joint",
 ]
@@ -519,6 +525,19 @@ def make_joint_scorer(teacher_module, student_module, train_data: Mapping[str, A
     return lambda tv, sv, weights: score(tv, sv, train, val, jnp.asarray(weights))
 
 
+@flax.struct.dataclass
+class JointState:
+    """The joint loop's state (the epoch loop's ``seed_key`` / ``epoch`` convention)."""
+
+    teacher: Any
+    student: Any
+    student_rest: Any
+    teacher_opt: Any
+    student_opt: Any
+    seed_key: jax.Array
+    epoch: jax.Array
+
+
 class JointResult(NamedTuple):
     """What :func:`fit_joint` returns.
 
@@ -541,6 +560,12 @@ class JointResult(NamedTuple):
     timing: dict
     history: list
 
+    def overhead(self) -> dict:
+        """Median seconds per epoch and per re-scoring, first (compiling) one dropped."""
+        med = lambda v: float(np.median(v[1:] or v)) if v else float("nan")  # noqa: E731
+        return {"epoch_s": med(self.timing["epoch_s"]),
+                "rescore_s": med(self.timing["rescore_s"])}
+
 
 def _copy(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
@@ -558,11 +583,12 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
     r"""KD-AIF's joint teacher-student loop (arXiv 2501.02705, sec. 3, semi-supervised).
 
     ``teacher`` and ``student`` are ``(module, variables)`` pairs of kdjax modules
-    (``apply(variables, x, train) -> (logits, features)``). Every epoch walks a fresh
-    permutation of ``data`` (``fold_in(key, epoch)``, drop remainder) in batches of
-    ``batch_size``; each step is :func:`joint_step` (teacher: MPL feedback + CE on
-    ``labelled``; student: influence-weighted pseudo-label loss to the updated
-    teacher). Before epoch ``cK`` (``K = rescore_every``, ``c >= 1``) the *current*
+    (``apply(variables, x, train) -> (logits, features)``). The epochs are run by
+    the plan of :mod:`kdjax.train.epoch` (loop mode: one compiled step): each walks a
+    fresh permutation of ``data`` (drawn from ``fold_in(fold_in(key, epoch), 0)``, drop
+    remainder) in batches of ``batch_size``; each step is :func:`joint_step` (teacher:
+    MPL feedback + CE on ``labelled``; student: influence-weighted pseudo-label loss to
+    the updated teacher). Before epoch ``cK`` (``K = rescore_every``, ``c >= 1``) the *current*
     student is re-scored by ``scorer(teacher_vars, student_vars, weights)``
     (:func:`make_joint_scorer`) and the weights become ``influence_weights(scores,
     mapping, weight_temperature)`` (replaced, not multiplied); epochs ``[0, K)`` use
@@ -576,7 +602,8 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
 
     Args:
       teacher, student: ``(module, variables)``.
-      data: training dict ``x``, ``y``, optional ``label_mask`` (``[N, ...]``).
+      data: training dict ``x``, ``y``, optional ``label_mask`` (``[N, ...]``); any
+        ``weights`` or ``teacher_logits`` are ignored (the loop sets both).
       val: labelled dict ``x``, ``y``: the MPL meta signal (and, through ``scorer``,
         the influence target).
       key: PRNG key of the batch order.
@@ -604,7 +631,8 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
     if missing:
         raise ValueError(f"objective must have keys ce_weight, kd_weight, temperature "
                          f"(and optionally ce_scale), missing {missing}.")
-    data = {k: jnp.asarray(v) for k, v in data.items() if k != "weights"}
+    data = {k: jnp.asarray(v) for k, v in data.items()
+            if k not in ("weights", "teacher_logits")}
     n = data["x"].shape[0]
     if batch_size > n:
         raise ValueError(f"batch_size must be <= the number of training examples ({n}), "
@@ -617,22 +645,38 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
     tfn = _module_fns(t_mod, t_rest, train=False)
     objective = dict(objective)
 
-    @jax.jit
-    def step(tp, sp, s_rest, ts, ss, rows, data, weights, val, labelled):
-        batch = {**jax.tree_util.tree_map(lambda a: a[rows], data), "weights": weights[rows]}
-        sfn = _module_fns(s_mod, s_rest, train=True)
-        new_rest = s_rest
-        if s_rest:  # running statistics from the forward pass at the pre-update params
-            new_rest = dict(s_mod.apply({"params": sp, **s_rest}, batch["x"], train=True,
-                                        mutable=list(s_rest))[1])
+    def step(st: JointState, consts, batch, rng):
+        del rng                                   # the joint step is deterministic
+        val, labelled = consts
+        sfn = _module_fns(s_mod, st.student_rest, train=True)
+        new_rest = st.student_rest
+        if new_rest:  # running statistics from the forward pass at the pre-update params
+            new_rest = dict(s_mod.apply({"params": st.student, **new_rest}, batch["x"],
+                                        train=True, mutable=list(new_rest))[1])
         tp, sp, ts, ss, info = joint_step(
-            tfn, sfn, tp, sp, ts, ss, teacher_tx, student_tx, batch, val, labelled,
-            objective=objective, student_lr=student_lr,
+            tfn, sfn, st.teacher, st.student, st.teacher_opt, st.student_opt, teacher_tx,
+            student_tx, batch, val, labelled, objective=objective, student_lr=student_lr,
             teacher_ce_weight=teacher_ce_weight)
-        return tp, sp, new_rest, ts, ss, info["val_before"], info["val_after"]
+        return (st.replace(teacher=tp, student=sp, student_rest=new_rest, teacher_opt=ts,
+                           student_opt=ss), (info["val_before"], info["val_after"]))
 
-    ts, ss = teacher_tx.init(tp), student_tx.init(sp)
-    steps = n // batch_size
+    jstep = jax.jit(lambda st, consts, data, rows: step(
+        st, consts, jax.tree_util.tree_map(lambda a: a[rows], data), None))
+
+    def run_epoch(st, consts, data):   # the plan of kdjax.train.epoch (loop mode)
+        key = jax.random.fold_in(jax.random.fold_in(st.seed_key, st.epoch), 0)
+        steps = n // batch_size
+        plan = np.asarray(jax.random.permutation(key, n)[:steps * batch_size])
+        aux = []
+        for rows in plan.reshape(steps, batch_size):
+            st, a = jstep(st, consts, data, rows)
+            aux.append(a)
+        aux = jax.device_get(aux)
+        return st.replace(epoch=st.epoch + 1), tuple(np.mean([a[i] for a in aux])
+                                                      for i in range(2))
+    state = JointState(teacher=_copy(tp), student=_copy(sp), student_rest=_copy(s_rest),
+                       teacher_opt=teacher_tx.init(tp), student_opt=student_tx.init(sp),
+                       seed_key=key, epoch=jnp.zeros((), jnp.int32))
     weights = jnp.ones((n,), jnp.float32)
     log, history = [(0, None)], []
     timing = {"epoch_s": [], "rescore_s": []}
@@ -640,29 +684,25 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
     for epoch in range(int(epochs)):
         if scorer is not None and epoch > 0 and epoch % rescore_every == 0:
             t0 = time.perf_counter()
-            scores = scorer({"params": tp, **t_rest}, {"params": sp, **s_rest}, weights)
+            scores = scorer({"params": state.teacher, **t_rest},
+                            {"params": state.student, **state.student_rest}, weights)
             weights = jax.block_until_ready(
                 influence_weights(scores, mapping, weight_temperature))
             timing["rescore_s"].append(time.perf_counter() - t0)
             log.append((epoch, np.asarray(weights)))
         t0 = time.perf_counter()
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-        plan = np.asarray(perm[:steps * batch_size]).reshape(steps, batch_size)
-        before, after = [], []
-        for rows in plan:
-            tp, sp, s_rest, ts, ss, vb, va = step(tp, sp, s_rest, ts, ss, rows, data,
-                                                  weights, val, labelled)
-            before.append(vb)
-            after.append(va)
-        jax.block_until_ready(sp)
+        state, (before, after) = run_epoch(state, (val, labelled),
+                                           {**data, "weights": weights})
+        jax.block_until_ready(state.student)
         timing["epoch_s"].append(time.perf_counter() - t0)
-        s_now = {"params": sp, **s_rest}
+        s_now = {"params": state.student, **state.student_rest}
         value = None if select_fn is None else float(select_fn(s_now))
-        history.append({"epoch": epoch + 1, "val_before": float(jnp.mean(jnp.stack(before))),
-                        "val_after": float(jnp.mean(jnp.stack(after))), "select": value})
+        history.append({"epoch": epoch + 1, "val_before": float(before),
+                        "val_after": float(after), "select": value})
         if best is None or select_fn is None or value > best["value"]:
-            best = {"epoch": epoch + 1, "value": value, "params": _copy(sp),
-                    "batch_stats": _copy(s_rest.get("batch_stats", {}))}
+            best = {"epoch": epoch + 1, "value": value, "params": _copy(state.student),
+                    "batch_stats": _copy(state.student_rest.get("batch_stats", {}))}
+    tp, sp, s_rest = state.teacher, state.student, state.student_rest
     return JointResult({"params": tp, **t_rest}, {"params": sp, **s_rest}, best, log,
                        timing, history)
 
@@ -671,10 +711,20 @@ PROCEDURES = ("uniform", "oneshot_exp", "oneshot_sigmoid", "periodic_exp",
               "periodic_sigmoid")
 
 
+def mapping_of(run: str) -> str | None:
+    """The weight mapping a run name ends with: ``"<kind>_exp"`` -> ``"exp_minmax"``,
+    ``"<kind>_sigmoid"`` -> ``"sigmoid"``, else ``None`` (uniform weights)."""
+    return {"exp": "exp_minmax", "sigmoid": "sigmoid"}.get(run.rpartition("_")[2])
+
+
 def frozen_teacher_run(name: str, distiller: Distiller, init: Callable[[], TrainState],
-                       data, scorer, *, epochs: int, rescore_every: int,
+                       data, val, *, objective: Mapping[str, float],
+                       scorer_options: Mapping[str, Any], epochs: int, rescore_every: int,
                        temperature: float = 1.0, checkpoint_dir: str, **fit_kwargs):
     """One frozen-teacher procedure by name: ``(best record, weights [N] or None)``.
+
+    The influence scorer is :func:`make_scorer` on ``data`` / ``val`` with
+    :func:`distill_losses` (``objective`` options) and ``scorer_options``.
 
     ``name`` is one of :data:`PROCEDURES`: ``uniform`` (:func:`kdjax.train.fit`, w = 1),
     ``oneshot_<m>`` (:func:`one_shot` from the uniform run's final state) or
@@ -685,9 +735,10 @@ def frozen_teacher_run(name: str, distiller: Distiller, init: Callable[[], Train
     (None for uniform).
     """
     check_choice(name, "name", PROCEDURES)
-    kind, _, m = name.partition("_")
-    mapping = {"exp": "exp_minmax", "sigmoid": "sigmoid"}.get(m)
+    kind, mapping = name.partition("_")[0], mapping_of(name)
     own = os.path.join(checkpoint_dir, name)
+    scorer = make_scorer(distiller, data, val, objective=functools.partial(
+        distill_losses, **objective), **scorer_options)
     if kind == "periodic":
         _, best, _, log = fit_periodic(distiller, init(), None, data, scorer, epochs=epochs,
                                        rescore_every=rescore_every, mapping=mapping,

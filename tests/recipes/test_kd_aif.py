@@ -349,7 +349,8 @@ def test_fit_joint_epoch_equals_joint_steps_over_the_plan():
     tp, sp = tv["params"], sv["params"]
     t_tx, s_tx = optax.sgd(0.05), optax.adam(1e-2)
     ts, ss = t_tx.init(tp), s_tx.init(sp)
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(7), 0), 48))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 0), 0)
+    perm = np.asarray(jax.random.permutation(key, 48))
     for rows in perm.reshape(3, 16):
         def sfn(p, x, rest=rest):
             return sm.apply({"params": p, **rest}, x, train=True, mutable=["batch_stats"])[0][0]
