@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax.train.epoch import batch_plan, default_epoch_key
 from kdjax.train.sharding import DATA_AXIS
 
 __all__ = ["initialize", "global_mesh", "process_rows", "replicate", "shard_host_batch",
@@ -213,10 +214,10 @@ def stream_epoch_runner(distiller, stream, batch_size: int, mesh: Mesh | None = 
                         index_fn=None, checkpointer=None, checkpoint_every_steps: int = 0):
     """``epoch(state, teacher_vars, data=None) -> (state, mean terms)`` over a stream.
 
-    The same contract as :meth:`Distiller.epoch_runner`'s epochs: the plan of epoch
-    ``e`` is the engine's (``Distiller._epoch_plan``: a permutation from
-    ``fold_in(seed_key, e)``, or ``index_fn``'s batches), step ``i`` trains on the rows
-    ``plan[i]`` with key ``fold_in(key, i + 1)``; only where the rows come from differs
+    The same contract as the engine's epochs (:mod:`kdjax.train.epoch`): the plan of
+    epoch ``e`` is ``batch_plan(fold_in(default_epoch_key(state), 0), n, B, index_fn)``
+    (a permutation from ``fold_in(seed_key, e)``, or ``index_fn``'s batches), step
+    ``i`` trains on the rows ``plan[i]`` with key ``fold_in(key, i + 1)``; only where the rows come from differs
     (this process's share of each global batch, read from ``stream``, versus a gather
     from device memory). The batch holds the keys of ``stream.example()`` (``x``,
     ``y``, extras), as the in-memory dict of ``fit``.
@@ -244,9 +245,8 @@ def stream_epoch_runner(distiller, stream, batch_size: int, mesh: Mesh | None = 
         e = int(to_host(state.epoch))
         host = types.SimpleNamespace(seed_key=jnp.asarray(to_host(state.seed_key)),
                                      epoch=jnp.asarray(e, jnp.int32))
-        key, plan = distiller._epoch_plan(host, {"x": np.empty((n, 0))}, batch_size,
-                                          index_fn)
-        plan = np.asarray(plan)
+        key = default_epoch_key(host)
+        plan = np.asarray(batch_plan(jax.random.fold_in(key, 0), n, batch_size, index_fn))
         start, sums = 0, None
         if checkpointer is not None:
             restored = checkpointer.restore_latest(state)
