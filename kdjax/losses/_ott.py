@@ -35,8 +35,6 @@ def _varying_like(value, refs):
     leaf does it with public operations only (the select is constant-folded). Outside
     ``shard_map`` it is the identity.
     """
-    if not jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-        return value
     for leaf in jax.tree_util.tree_leaves(refs):
         if jnp.size(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             value = jnp.where(True, value, jnp.ravel(leaf)[0].astype(jnp.result_type(value)))
@@ -120,6 +118,19 @@ def sinkhorn_divergence(x, y, a, b, epsilon, static_b, kwargs):
     return value, (out_xy, out_xx, out_yy)
 
 
+@jax.tree_util.register_pytree_node_class
+class GromovWasserstein(ott_gw.GromovWasserstein):
+    """ott-jax's GW solver whose outer loop carry starts with the problem's vma (as
+    :class:`Sinkhorn`'s), so that it runs inside ``shard_map(check_vma=True)``."""
+
+    def init_state(self, prob, init):
+        state = super().init_state(prob, init)
+        refs = (prob.a, prob.b, init.geom)
+        return state.set(**{k: _varying_like(getattr(state, k), refs) for k in
+                            ("costs", "linear_convergence", "old_transport_mass", "errors")
+                            if getattr(state, k) is not None})
+
+
 def gromov_wasserstein(x, y, a, b, epsilon, outer_kwargs, inner_max_iterations):
     """Entropic GW between point clouds with squared Euclidean intra-cloud costs
     (``ott.solvers.quadratic.gromov_wasserstein.GromovWasserstein``, its inner linear
@@ -127,6 +138,6 @@ def gromov_wasserstein(x, y, a, b, epsilon, outer_kwargs, inner_max_iterations):
     prob = quadratic_problem.QuadraticProblem(
         pointcloud.PointCloud(x, x), pointcloud.PointCloud(y, y), a=a, b=b)
     inner = Sinkhorn(max_iterations=inner_max_iterations)
-    solver = ott_gw.GromovWasserstein(inner, epsilon=epsilon, relative_epsilon="mean",
+    solver = GromovWasserstein(inner, epsilon=epsilon, relative_epsilon="mean",
                                       **outer_kwargs)
     return solver(prob)
