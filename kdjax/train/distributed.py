@@ -217,8 +217,8 @@ def stream_epoch_runner(distiller, stream, batch_size: int, mesh: Mesh | None = 
     The same contract as the engine's epochs (:mod:`kdjax.train.epoch`): the plan of
     epoch ``e`` is ``batch_plan(fold_in(default_epoch_key(state), 0), n, B, index_fn)``
     (a permutation from ``fold_in(seed_key, e)``, or ``index_fn``'s batches), step
-    ``i`` trains on the rows ``plan[i]`` with key ``fold_in(key, i + 1)``; only where the rows come from differs
-    (this process's share of each global batch, read from ``stream``, versus a gather
+    ``i`` trains on the rows ``plan[i]`` with key ``fold_in(key, i + 1)``; only where
+    the rows come from differs (this process's share of each global batch, read from ``stream``, versus a gather
     from device memory). The batch holds the keys of ``stream.example()`` (``x``,
     ``y``, extras), as the in-memory dict of ``fit``.
 
