@@ -70,6 +70,7 @@ from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_scores,
 from kdjax.recipes import mpl
 from kdjax.train.checkpoint import Checkpointer
 from kdjax.train.engine import Distiller, TrainState
+from kdjax.train.epoch import make_epoch
 from kdjax.train.loop import fit, num_seeds_of
 
 __all__ = [
@@ -584,7 +585,7 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
 
     ``teacher`` and ``student`` are ``(module, variables)`` pairs of kdjax modules
     (``apply(variables, x, train) -> (logits, features)``). The epochs are run by
-    the plan of :mod:`kdjax.train.epoch` (loop mode: one compiled step): each walks a
+    :func:`kdjax.train.epoch.make_epoch` (loop mode: one compiled step): each walks a
     fresh permutation of ``data`` (drawn from ``fold_in(fold_in(key, epoch), 0)``, drop
     remainder) in batches of ``batch_size``; each step is :func:`joint_step` (teacher:
     MPL feedback + CE on ``labelled``; student: influence-weighted pseudo-label loss to
@@ -660,20 +661,7 @@ def fit_joint(teacher: tuple[Any, Any], student: tuple[Any, Any],
         return (st.replace(teacher=tp, student=sp, student_rest=new_rest, teacher_opt=ts,
                            student_opt=ss), (info["val_before"], info["val_after"]))
 
-    jstep = jax.jit(lambda st, consts, data, rows: step(
-        st, consts, jax.tree_util.tree_map(lambda a: a[rows], data), None))
-
-    def run_epoch(st, consts, data):   # the plan of kdjax.train.epoch (loop mode)
-        key = jax.random.fold_in(jax.random.fold_in(st.seed_key, st.epoch), 0)
-        steps = n // batch_size
-        plan = np.asarray(jax.random.permutation(key, n)[:steps * batch_size])
-        aux = []
-        for rows in plan.reshape(steps, batch_size):
-            st, a = jstep(st, consts, data, rows)
-            aux.append(a)
-        aux = jax.device_get(aux)
-        return st.replace(epoch=st.epoch + 1), tuple(np.mean([a[i] for a in aux])
-                                                      for i in range(2))
+    run_epoch = make_epoch(step, batch_size, mode="loop")
     state = JointState(teacher=_copy(tp), student=_copy(sp), student_rest=_copy(s_rest),
                        teacher_opt=teacher_tx.init(tp), student_opt=student_tx.init(sp),
                        seed_key=key, epoch=jnp.zeros((), jnp.int32))
