@@ -1,46 +1,40 @@
 """Unsupervised distillation (METHODS.md section 3): CoSS vs cosine, SEED and SimCLR.
 
-    python -m experiments.coss [digits] [--config.key=value ...]
+    python -m experiments.coss [mnist1d | digits] [--stale=...] [--config.key=value ...]
 
-Reads top to bottom: config -> data -> teacher (SimCLR on the unlabelled inputs, or a
-supervised network; trained once, cached) -> teacher k-NN graph -> students (all seeds of
-a run as one vmapped program, trained on the inputs only: the distillation data dict has
-no labels in it) -> frozen-feature probes (weighted k-NN, linear probe) on the test split
-and on a shifted domain -> table, JSON lines, bar chart. Finished (run, seed) rows are
-skipped on rerun (keyed by the config hash) and students checkpoint every few epochs.
-
-Equal budgets: every student runs ``student.epochs * (N // batch_size)`` optimiser steps
-on batches of ``batch_size``. With the neighbour sampler an "epoch" is the first
-``N // batch_size`` batches of a CoSS neighbour plan (random anchors, each followed by
-``num_sampled`` of its ``knn_k`` nearest teacher neighbours), not the authors' epoch
-(every example an anchor once, i.e. ``1 + num_sampled`` times more steps).
+Method. A teacher (SimCLR on the unlabelled inputs, or supervised) is trained once and
+cached by config hash. Its training embeddings give a k-NN graph. Students learn from the
+inputs only -- the distillation data dict has no labels in it -- all seeds of a run as
+one vmapped program: SimCLR alone, per-sample cosine (L_co), SEED, CoSS (+ ablations of
+the space-similarity weight and of the neighbour sampler). Equal budgets: every student
+runs ``student.epochs * (N // batch_size)`` steps (with the neighbour sampler an "epoch"
+is the first ``N // batch_size`` batches of a CoSS plan, not the authors' epoch).
+Evaluation on frozen ``pooled`` features: weighted k-NN and a linear probe on the test
+split and a shifted domain, and manifold preservation: linear CKA and 10-NN overlap of
+student and teacher test embeddings. Cells (run, seed) are rows of ``results.jsonl``
+(see :mod:`kdjax.experiment`).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import best_variables, fit_seeds
 from kdjax import data as kdata
+from kdjax import experiment as kx
 from kdjax import methods, models
-from kdjax.experiment.config import config_hash, load_config, parse_cli
 from kdjax.data.core import normalize_like
 from kdjax.data.neighbors import knn_graph, neighbor_batches
-from kdjax.evaluation.probes import knn_accuracy, linear_probe
+from kdjax.evaluation import embed, knn_accuracy, knn_overlap, linear_cka, linear_probe
 from kdjax.recipes.simclr import SimCLR, view_augment
-from kdjax.train import (Checkpointer, Distiller, fit, load_pytree, make_mesh,
-                         make_optimizer, predict, save_pytree)
-from kdjax.experiment import results as R
+from kdjax.train import Checkpointer, Distiller, cache, make_mesh, make_optimizer
 from kdjax.train.teacher import get_teacher
 
 CONFIG = "experiments.configs.coss"
 METRICS = ("knn_test", "probe_test", "knn_shift", "probe_shift")
+MANIFOLD = ("cka_test", "knn_overlap_test")
 
 
 # --- data -------------------------------------------------------------------------------
@@ -92,146 +86,101 @@ def neighbor_plan(neighbors, batch_size: int, num_sampled: int, num_candidates: 
     return index_fn
 
 
-def embed(module, variables, x, mesh=None, feature: str = "pooled"):
-    """Frozen ``features[feature]`` of ``module`` in eval mode, ``[N, D]`` numpy."""
-    return predict(lambda xb: (module.apply(variables, xb, train=False)[1][feature],),
-                   np.asarray(x), 512, mesh)
-
-
 # --- teacher ----------------------------------------------------------------------------
 
-def _optimizer(ocfg, n, batch_size, epochs):
-    steps = n // batch_size
-    return make_optimizer(ocfg.to_dict(), total_steps=steps * epochs, steps_per_epoch=steps)
-
-
 def _simclr(cfg, module, ocfg, n, batch_size, epochs):
-    return SimCLR(module, _optimizer(ocfg, n, batch_size, epochs),
+    steps = n // batch_size
+    return SimCLR(module, make_optimizer(ocfg.to_dict(), total_steps=steps * epochs,
+                                         steps_per_epoch=steps),
                   view_augment(cfg.ssl.max_shift, cfg.ssl.scale, cfg.ssl.noise_std),
                   temperature=cfg.ssl.temperature, proj_dim=cfg.ssl.proj_dim,
                   hidden_dim=cfg.ssl.hidden_dim)
 
 
-def get_simclr_teacher(cfg, train, mesh):
-    """SimCLR teacher on the training inputs, cached under ``cache_dir`` by config hash."""
+def get_teacher_for(cfg, train, mesh):
+    """The SimCLR teacher (:mod:`kdjax.train.cache`, keyed by config hash; its training
+    checkpoints, so a killed build resumes) or a supervised one (:func:`get_teacher`,
+    selected on a held-out part of train). Returns ``(module, variables, meta)``."""
     tc = cfg.teacher
+    if tc.kind != "simclr":
+        perm = np.random.default_rng(0).permutation(len(train))
+        part, val = train.subset(perm[tc.val_size:]), train.subset(perm[:tc.val_size])
+        tcfg = {k: tc[k] for k in ("model", "epochs", "batch_size", "seed")}
+        tcfg.update(model_kwargs=tc.model_kwargs.to_dict(), optimizer=tc.optimizer.to_dict(),
+                    val_size=tc.val_size)
+        return get_teacher(tcfg, {"dataset": cfg.dataset.to_dict()},
+                           {"x": part.x, "y": part.y}, {"x": val.x, "y": val.y},
+                           train.num_classes, cache_dir=cfg.cache_dir, mesh=mesh,
+                           progress=cfg.progress)
     module = models.create(tc.model, train.num_classes, **tc.model_kwargs.to_dict())
-    key = config_hash("simclr", tc.to_dict(), cfg.ssl.to_dict(), cfg.dataset.to_dict())
-    path = os.path.join(os.path.abspath(cfg.cache_dir), f"teacher_simclr_{key}")
-    meta_path = path + "_meta.json"
+    key = kx.config_hash("simclr", tc.to_dict(), cfg.ssl.to_dict(), cfg.dataset.to_dict())
+
+    def build(ckpt_dir):
+        trainer = _simclr(cfg, module, tc.optimizer, len(train), tc.batch_size, tc.epochs)
+        state, losses = trainer.fit(trainer.init(int(tc.seed), train.x[:2]), train.x,
+                                    epochs=tc.epochs, batch_size=tc.batch_size,
+                                    checkpointer=Checkpointer(ckpt_dir), checkpoint_every=1,
+                                    progress=cfg.progress, desc="simclr teacher")
+        return trainer.encoder_variables(state), {
+            "kind": "simclr", "config": tc.to_dict(), "ssl": cfg.ssl.to_dict(),
+            "data": cfg.dataset.to_dict(), "key": key, "losses": losses}
     template = module.init(jax.random.PRNGKey(0), train.x[:2], train=False)
-    if os.path.exists(meta_path) and os.path.isdir(path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        return module, load_pytree(path, template), {**meta, "cached": True}
-    trainer = _simclr(cfg, module, tc.optimizer, len(train), tc.batch_size, tc.epochs)
-    state = trainer.init(int(tc.seed), train.x[:2])
-    state, losses = trainer.fit(state, train.x, epochs=tc.epochs, batch_size=tc.batch_size,
-                                progress=cfg.progress, desc="simclr teacher")
-    variables = jax.device_get(trainer.encoder_variables(state))
-    save_pytree(path, variables)
-    meta = {"kind": "simclr", "config": tc.to_dict(), "ssl": cfg.ssl.to_dict(),
-            "data": cfg.dataset.to_dict(), "key": key, "losses": losses, **R.run_metadata()}
-    R.atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
-    return module, variables, {**meta, "cached": False}
-
-
-def get_supervised_teacher(cfg, train, mesh):
-    """A cross-entropy teacher (kdjax.train.teacher), selected on a held-out part of train."""
-    tc = cfg.teacher
-    perm = np.random.default_rng(0).permutation(len(train))
-    fit_part, val = train.subset(perm[tc.val_size:]), train.subset(perm[:tc.val_size])
-    tcfg = {k: tc[k] for k in ("model", "epochs", "batch_size", "seed")}
-    tcfg.update(model_kwargs=tc.model_kwargs.to_dict(), optimizer=tc.optimizer.to_dict(),
-                val_size=tc.val_size)
-    module, variables, meta = get_teacher(
-        tcfg, {"dataset": cfg.dataset.to_dict()}, {"x": fit_part.x, "y": fit_part.y},
-        {"x": val.x, "y": val.y}, train.num_classes, cache_dir=cfg.cache_dir, mesh=mesh,
-        progress=cfg.progress)
-    return module, variables, {**meta, "kind": "supervised"}
+    variables, meta = cache.get_or_build(cfg.cache_dir, f"teacher_simclr_{key}", template,
+                                         build, what=f"SimCLR teacher {key}")
+    return module, variables, meta
 
 
 # --- students ---------------------------------------------------------------------------
 
-def _seed_slice(tree, i):
-    return jax.tree_util.tree_map(lambda a: a[i], tree)
-
-
-def _student_vars(params, batch_stats):
-    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-
-
-def train_students(cfg, run, train, teacher, tvars, t_train, neighbors, mesh, ckpt_dir,
-                   seeds):
-    """Trains ``run`` for ``seeds`` (vmapped when enabled); returns one
-    ``(variables, info)`` per seed with the student's eval-mode variables."""
-    sc = cfg.student
+def train_students(cfg, run, seeds, train, teacher, t_train, neighbors, mesh, ckpt_dir):
+    """Trains ``run`` for ``seeds``; ``(student, [(variables, info) per seed])``."""
+    sc, (module, tvars) = cfg.student, teacher
     student = models.create(sc.model, train.num_classes, **sc.model_kwargs.to_dict())
-    b, epochs = sc.batch_size, sc.epochs
-    steps = epochs * (len(train) // b)
-    vmapped = cfg.vmap_seeds and len(seeds) > 1
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    x2 = train.x[:2]
-    info = {"epochs": epochs, "steps": steps, "global_batch_size": b,
+    b, epochs, x2 = sc.batch_size, sc.epochs, train.x[:2]
+    info = {"epochs": epochs, "steps": epochs * (len(train) // b), "global_batch_size": b,
             "train_examples": len(train), "sampler": run.get("sampler"),
             "method": run.get("method")}
-    ck_name = os.path.join(ckpt_dir, run["name"] + "_" + "_".join(map(str, seeds)))
-
+    name = f"{ckpt_dir}/{run['name']}_" + "_".join(map(str, seeds))
     if run["kind"] == "init":   # untrained student: the floor of every probe
-        out = []
-        for s in seeds:
-            v = student.init(jax.random.fold_in(jax.random.PRNGKey(s), 1), x2, train=False)
-            out.append((v, {**info, "epochs": 0, "steps": 0}))
-        return student, out
-
+        return student, [(student.init(jax.random.fold_in(jax.random.PRNGKey(s), 1), x2,
+                                       train=False), {**info, "epochs": 0, "steps": 0})
+                         for s in seeds]
     if run["kind"] == "simclr":   # the student alone, self-supervised, no teacher
         trainer = _simclr(cfg, student, sc.optimizer, len(train), b, epochs)
-        if vmapped:
-            state = jax.vmap(lambda k: trainer.init(k, x2))(keys)
-            state, losses = trainer.fit(state, train.x, epochs=epochs, batch_size=b,
-                                        num_seeds=len(seeds),
-                                        checkpointer=Checkpointer(ck_name),
-                                        checkpoint_every=cfg.checkpoint_every,
-                                        progress=cfg.progress, desc=run["name"])
-            states = [_seed_slice(state, i) for i in range(len(seeds))]
-            finals = [losses[-1][i] for i in range(len(seeds))]
-        else:
-            states, finals = [], []
-            for s in seeds:
-                st, losses = trainer.fit(trainer.init(s, x2), train.x, epochs=epochs,
-                                         batch_size=b,
-                                         checkpointer=Checkpointer(f"{ck_name}_{s}"),
-                                         checkpoint_every=cfg.checkpoint_every,
-                                         progress=cfg.progress, desc=run["name"])
-                states.append(st)
-                finals.append(losses[-1][0])
-        return student, [(jax.device_get(trainer.encoder_variables(st)),
-                          {**info, "final_loss": f}) for st, f in zip(states, finals)]
-
-    # distillation: inputs + teacher embeddings, no labels
+        vm = cfg.vmap_seeds and len(seeds) > 1
+        groups = [seeds] if vm else [[s] for s in seeds]
+        out = []
+        for g in groups:
+            state = (jax.vmap(lambda k: trainer.init(k, x2))(
+                jnp.stack([jax.random.PRNGKey(s) for s in g])) if vm else trainer.init(g[0], x2))
+            state, losses = trainer.fit(
+                state, train.x, epochs=epochs, batch_size=b, num_seeds=len(g) if vm else 0,
+                checkpointer=Checkpointer(name if vm else f"{name}_{g[0]}"),
+                checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                desc=run["name"])
+            for i in range(len(g)):
+                st = jax.tree_util.tree_map(lambda a: a[i], state) if vm else state
+                out.append((jax.device_get(trainer.encoder_variables(st)),
+                            {**info, "final_loss": losses[-1][i]}))
+        return student, out
     mcfg = {"hidden_dim": cfg.distill.hidden_dim, **dict(run["method"])}
     if mcfg["name"] == "seed":
         mcfg.setdefault("queue_size", cfg.distill.seed_queue_size)
     built = methods.build(mcfg)
-    distiller = Distiller(student, (built,), _optimizer(sc.optimizer, len(train), b, epochs),
-                          teacher=teacher, teacher_from_batch=True)
-    data = distill_data(train.x, t_train)
+    steps = len(train) // b
+    tx = make_optimizer(sc.optimizer.to_dict(), total_steps=steps * epochs,
+                        steps_per_epoch=steps)
+    distiller = Distiller(student, (built,), tx, teacher=module, teacher_from_batch=True)
     index_fn = None
     if run["sampler"] == "neighbors":
         index_fn = neighbor_plan(neighbors, b, cfg.distill.num_sampled, cfg.distill.knn_k)
-    common = dict(epochs=epochs, batch_size=b, mesh=mesh, checkpoint_every=cfg.checkpoint_every,
-                  progress=cfg.progress, desc=run["name"], index_fn=index_fn)
-    if vmapped:
-        state = jax.vmap(lambda k: distiller.init(k, x2, tvars))(keys)
-        bests = fit(distiller, state, tvars, data, checkpointer=Checkpointer(ck_name),
-                    **common).best
-    else:
-        bests = [fit(distiller, distiller.init(s, x2, tvars), tvars, data,
-                     checkpointer=Checkpointer(f"{ck_name}_{s}"), **common).best[0]
-                 for s in seeds]
-    info["method"] = {k: v for k, v in built.options.items()} | {"name": built.name}
-    return student, [(_student_vars(bst["params"], bst["batch_stats"]), info)
-                     for bst in bests]
+    bests, _ = fit_seeds(distiller, tvars, distill_data(train.x, t_train), seeds,
+                         vmap=cfg.vmap_seeds, ckpt_dir=ckpt_dir, name=run["name"],
+                         example_x=x2, epochs=epochs, batch_size=b, mesh=mesh,
+                         checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                         desc=run["name"], index_fn=index_fn)
+    info["method"] = dict(built.options) | {"name": built.name}
+    return student, [(best_variables(bst), info) for bst in bests]
 
 
 # --- evaluation -------------------------------------------------------------------------
@@ -256,112 +205,69 @@ def probe_metrics(cfg, feats, train, test, shift, seed: int):
     return m
 
 
-def _features(module, variables, splits, mesh):
-    return {k: embed(module, variables, d.x, mesh) for k, d in splits.items() if d is not None}
-
-
-# --- outputs ----------------------------------------------------------------------------
-
-def plot_bars(summary, metrics, path, title=""):
-    """Grouped bar chart: one group per run, one bar per metric, error bars = std."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [s["run"] for s in summary]
-    width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs)), 4))
-    xs = np.arange(len(runs))
-    for j, m in enumerate(metrics):
-        mu = [100 * s[m] for s in summary]
-        sd = [100 * s[m + "_std"] for s in summary]
-        ax.bar(xs + (j - (len(metrics) - 1) / 2) * width, mu, width, yerr=sd, capsize=2,
-               label=m)
-    ax.set_xticks(xs, runs, rotation=30, ha="right")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=len(metrics))
-    ax.grid(axis="y", alpha=0.3)
-    R.save_figure(fig, path)
+def evaluate_embeddings(cfg, module, variables, splits, seed, mesh, t_feats=None):
+    """Probe metrics of a frozen network; with the teacher's features ``t_feats``, also
+    its manifold preservation on test: linear CKA and k-NN overlap."""
+    feats = {k: embed(module, variables, d.x, mesh=mesh) for k, d in splits.items()
+             if d is not None}
+    m = probe_metrics(cfg, feats, splits["train"], splits["test"], splits["shift"], seed)
+    if t_feats is not None:
+        m.update(cka_test=linear_cka(feats["test"], t_feats["test"]),
+                 knn_overlap_test=knn_overlap(feats["test"], t_feats["test"], cfg.eval.knn_k))
+    return m, feats
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    overrides, rest = parse_cli(argv)
-    if len(rest) > 1 or (rest and rest[0].startswith("-")):
-        raise SystemExit(f"unknown arguments {rest}; use [variant] --config.<key>=<value>.")
-    cfg = load_config(CONFIG, overrides, arg=rest[0] if rest else None)
-    t0 = time.time()
+    run = kx.Run.from_cli(argv, name="coss", config=CONFIG, doc=__doc__,
+                          variants=["mnist1d", "digits"])
+    cfg = run.config
+    study = kx.study_key(cfg)
+    runs = {r["name"]: r for r in cfg.runs}
+    cells = (kx.study_cells(cfg, study, [("teacher", {"run": "teacher"})], [cfg.teacher.seed])
+             + kx.study_cells(cfg, study, [(n, {"run": n}) for n in runs], range(cfg.seeds)))
+    run.plan(cells)
     mesh = make_mesh(cfg.num_devices or None)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    meta = R.run_metadata()
-    print(f"kdjax coss: {cfg.dataset.name}, {cfg.seeds} seeds, {mesh.devices.size} "
-          f"{meta['device_kind']} device(s), jax {meta['jax_version']}, rev {meta['git_revision']}")
-
+    run.banner(f"{cfg.dataset.name}, {len(runs)} runs x {cfg.seeds} seeds")
     train, test, shift = load_data(cfg)
     splits = {"train": train, "test": test, "shift": shift}
-    metrics = METRICS if shift is not None else METRICS[:2]
-
-    get = get_simclr_teacher if cfg.teacher.kind == "simclr" else get_supervised_teacher
-    teacher, tvars, tmeta = get(cfg, train, mesh)
-    t_feats = _features(teacher, tvars, splits, mesh)
-    t_metrics = probe_metrics(cfg, t_feats, train, test, shift, cfg.teacher.seed)
-    print(f"teacher {cfg.teacher.kind} {cfg.teacher.model} ({'cached' if tmeta['cached'] else 'trained'}): "
-          + ", ".join(f"{k} {100 * v:.2f}%" for k, v in t_metrics.items()))
-
-    results_path = os.path.join(cfg.out_dir, "results.jsonl")
-    # what defines the results (not where they go or how progress is shown)
-    cfg_key = config_hash({k: v for k, v in cfg.to_dict().items()
-                           if k not in ("out_dir", "cache_dir", "progress")})
-    done = {(r["run"], r["seed"]) for r in R.read_jsonl(results_path)
-            if r.get("config_hash") == cfg_key}
-    common = dict(config_hash=cfg_key, dataset=cfg.dataset.name,
-                  shift_domain=cfg.dataset.shift_config or None,
-                  teacher_kind=cfg.teacher.kind, config=cfg.to_dict(), **meta)
-    if ("teacher", cfg.teacher.seed) not in done:
-        R.append_jsonl(results_path, [{"run": "teacher", "seed": cfg.teacher.seed,
-                                       **t_metrics, "global_batch_size": cfg.teacher.batch_size,
-                                       "epochs": cfg.teacher.epochs, **common}])
-
+    metrics = [m for m in METRICS if shift is not None or m.endswith("test")] + list(MANIFOLD)
+    module, tvars, tmeta = get_teacher_for(cfg, train, mesh)
+    t_metrics, t_feats = evaluate_embeddings(cfg, module, tvars, splits, cfg.teacher.seed, mesh)
+    run.log(f"teacher {cfg.teacher.kind} {cfg.teacher.model} ("
+            f"{'cached' if tmeta['cached'] else 'trained'}): " +
+            ", ".join(f"{k} {100 * v:.2f}%" for k, v in t_metrics.items()))
     neighbors = None
     if any(r.get("sampler") == "neighbors" for r in cfg.runs):
         neighbors, _ = knn_graph(jnp.asarray(t_feats["train"]), k=cfg.distill.knn_k)
-    for run in cfg.runs:
-        seeds = [s for s in range(cfg.seeds) if (run["name"], s) not in done]
-        if not seeds:
-            continue
-        student, trained = train_students(
-            cfg, run, train, teacher, tvars, t_feats["train"], neighbors, mesh,
-            os.path.join(cfg.out_dir, "ckpt", cfg_key), seeds)
-        rows = []
-        for s, (variables, info) in zip(seeds, trained):
-            m = probe_metrics(cfg, _features(student, variables, splits, mesh), train, test,
-                              shift, s)
-            rows.append({"run": run["name"], "seed": s, "kind": run["kind"], **m, **info,
-                         **common})
-        R.append_jsonl(results_path, rows)
-        print(f"  {run['name']}: " + ", ".join(
-            f"{k} {100 * np.mean([r[k] for r in rows]):.2f}%" for k in metrics))
+    common = dict(dataset=cfg.dataset.name, shift_domain=cfg.dataset.shift_config or None,
+                  teacher_kind=cfg.teacher.kind)
 
-    rows = [r for r in R.read_jsonl(results_path) if r.get("config_hash") == cfg_key]
-    order = {"teacher": -1, **{r["name"]: i for i, r in enumerate(cfg.runs)}}
-    summary = sorted(R.summarize(rows, ["run"], metrics), key=lambda s: order.get(s["run"], 99))
-    table = R.markdown_table(summary, ["run"], metrics)
+    def cell(c, seeds):
+        if c.fields["run"] == "teacher":
+            return [{**t_metrics, "global_batch_size": cfg.teacher.batch_size,
+                     "epochs": cfg.teacher.epochs, **common}]
+        r = runs[c.fields["run"]]
+        student, trained = train_students(cfg, r, seeds, train, (module, tvars),
+                                          t_feats["train"], neighbors, mesh,
+                                          run.path("ckpt", study))
+        return [{"kind": r["kind"], **evaluate_embeddings(
+            cfg, student, v, splits, s, mesh, t_feats)[0], **info, **common}
+            for s, (v, info) in zip(seeds, trained)]
+    rows = run.execute(cells, cell)
     header = (f"Dataset {cfg.dataset.name} ({len(train)} unlabelled train inputs), shifted "
               f"domain {cfg.dataset.shift_config or 'none'}; teacher {cfg.teacher.kind} "
-              f"{cfg.teacher.model}{tuple(cfg.teacher.model_kwargs.channels)}; students "
-              f"{cfg.student.model}{tuple(cfg.student.model_kwargs.channels)}, "
-              f"{cfg.student.epochs} epochs, batch {cfg.student.batch_size}; weighted k-NN "
-              f"(k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) and linear-probe top-1 "
-              f"(%), mean +- std over seeds (teacher: one run).\n\n")
-    R.atomic_write_text(os.path.join(cfg.out_dir, "results.md"), header + table + "\n")
-    plot_bars([s for s in summary], metrics, os.path.join(cfg.out_dir, "results.png"),
-              f"{cfg.dataset.name}: frozen-feature probes (mean +- std over seeds)")
-    print("\n" + header + table)
-    print(f"\nwrote {cfg.out_dir}/results.jsonl, results.md, results.png in "
-          f"{time.time() - t0:.0f} s")
-    return summary
+              f"{cfg.teacher.model}; students {cfg.student.model}, {cfg.student.epochs} "
+              f"epochs, batch {cfg.student.batch_size}; weighted k-NN (k={cfg.eval.knn_k}, "
+              f"T={cfg.eval.knn_temperature}) and linear-probe top-1 (%), linear CKA and "
+              f"{cfg.eval.knn_k}-NN overlap with the teacher's test embedding (x 100), "
+              "mean ± std over seeds (rank; teacher: one run).")
+    run.report(header, kx.markdown_table(rows, row="run", metrics=metrics,
+                                         row_order=["teacher", *runs]), rows)
+    kx.plot_bars(kx.pivot([dict(r, _m=m, _v=r.get(m)) for r in rows for m in metrics],
+                          "_m", "run", "_v"), metrics, ["teacher", *runs],
+                 run.path("results.png"), ylabel="top-1 accuracy (%) / CKA, overlap x 100")
+    return kx.summarize(rows, ["run"], metrics)
 
 
 if __name__ == "__main__":
-    main()
+    kx.cli(main)

@@ -208,7 +208,7 @@ def test_driver_end_to_end_and_resume(tmp_path):
     assert all(r["sampler"] == "neighbors" and r["method"]["l1"] == 1.0 for r in coss_rows)
     assert all(r["steps"] == 2 * (256 // 64) for r in students)
     table = (tmp_path / "out" / "results.md").read_text()
-    for name in ("| teacher |", "| simclr |", "| cosine |", "| coss |", "+-"):
+    for name in ("| teacher |", "| simclr |", "| cosine |", "| coss |", "±"):
         assert name in table
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     assert {s["run"]: s["n"] for s in summary} == {"teacher": 1, "simclr": 2, "cosine": 2,
