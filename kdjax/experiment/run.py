@@ -171,12 +171,11 @@ class Run:
         run = cls(cfg, name=name, stale=opts.stale, **kwargs)
         run.variant = opts.variant
         run.check_paths()
-        import kdjax.train as train
+        if opts.xla_cache:
+            from kdjax.train import enable_compilation_cache
 
-        enable = getattr(train, "enable_compilation_cache", None)   # engine's, once landed
-        if opts.xla_cache and enable is not None:
-            run.meta["xla_cache"] = enable(os.path.join(cfg.get("cache_dir") or run.out_dir,
-                                                        "xla"))
+            cache_dir = cfg.get("cache_dir") or run.out_dir
+            run.meta["xla_cache"] = enable_compilation_cache(os.path.join(cache_dir, "xla"))
         return run
 
     def check_paths(self) -> None:
