@@ -23,3 +23,26 @@ def n_devices():
     n = jax.device_count()
     assert n == 8, f"tests expect 8 fake CPU devices, got {n}; is XLA_FLAGS overridden?"
     return n
+
+
+@pytest.fixture(scope="session")
+def run_guide():
+    """``run_guide(name, min_blocks) -> namespace``: executes the ```python blocks of
+    ``docs/guide/<name>.md`` in order in one namespace (the docs' code is tested as
+    written); a failing block is reported with its index and source."""
+    import pathlib
+    import re
+
+    def run(name: str, min_blocks: int = 1) -> dict:
+        guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide" / f"{name}.md"
+        blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+        assert len(blocks) >= min_blocks, f"{guide} has {len(blocks)} python blocks"
+        namespace: dict = {"__name__": "guide"}
+        for i, code in enumerate(blocks):
+            try:
+                exec(compile(code, f"{guide.name}[block {i}]", "exec"), namespace)  # noqa: S102
+            except Exception as err:  # the message is the point
+                raise AssertionError(f"block {i} of {guide} failed: {err!r}\n{code}") from err
+        return namespace
+
+    return run
