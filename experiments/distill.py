@@ -95,6 +95,10 @@ def main(argv=None):
     run.banner(f"{cfg.dataset.name}, {len(runs)} runs x {cfg.seeds} seeds")
 
     splits = load_splits(cfg.dataset)
+    smallest = min(len(splits[0]), cfg.labelled or len(splits[0]))   # CE-only: labelled
+    if cfg.student.batch_size > smallest:
+        raise kx.ConfigError(f"student.batch_size={cfg.student.batch_size} is larger than "
+                             f"the smallest training set of a run ({smallest} examples).")
     module, tvars, logits, t_acc = study_teacher(cfg, splits, mesh, run.log)
 
     rows = run.execute(cells, lambda cell, seeds: [

@@ -359,6 +359,13 @@ def _quit(msg: str, code: int) -> NoReturn:
     os._exit(code)
 
 
+def _divergence_errors():
+    from kdjax.train.cache import NonFiniteError
+    from kdjax.train.loop import DivergenceError
+
+    return DivergenceError, NonFiniteError
+
+
 def cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> NoReturn:
     """Runs ``main(argv)`` as a command: exit 0, or one line and exit 130 (Ctrl-C),
     2 (config error), 1 (full disk, read-only/unwritable path, :class:`RunError`)."""
@@ -371,6 +378,8 @@ def cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
         _quit(f"error: {e}", 2)
     except RunError as e:
         _quit(f"error: {e}", 1)
+    except _divergence_errors() as e:
+        _quit(f"error: {e}; nothing non-finite was written or cached.", 1)
     except SystemExit:
         raise
     except BaseException as e:

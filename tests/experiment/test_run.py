@@ -263,3 +263,29 @@ def test_ctrl_c_exits_130_with_one_line(toy):
         p.stderr.close()
     assert p.returncode == 130, err
     assert "interrupted (Ctrl-C)" in err and "Traceback" not in err
+
+
+def test_diverged_training_is_one_line_exit_1(tmp_path):
+    """A DivergenceError (engine) or NonFiniteError (cache) reaching the CLI is one line
+    naming the run, exit 1: a user sees what diverged, not a traceback."""
+    script = tmp_path / "diverge.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        from kdjax.experiment import cli
+        from kdjax.train.cache import NonFiniteError
+        from kdjax.train.loop import DivergenceError
+        kind = sys.argv[1]
+        def main(argv):
+            if kind == "fit":
+                raise DivergenceError("train 'kd' seed index 1 epoch 3: loss is not finite")
+            raise NonFiniteError("teacher_abc: 2 leaves are not finite")
+        cli(main, [])
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(),
+                                                      os.environ.get("PYTHONPATH", "")]),
+               JAX_PLATFORMS="cpu")
+    for kind, name in (("fit", "seed index 1 epoch 3"), ("cache", "teacher_abc")):
+        p = subprocess.run([sys.executable, str(script), kind], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert p.returncode == 1, p.stderr
+        assert name in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -38,3 +38,18 @@ def test_distill_driver_end_to_end_and_resume(tmp_path):
     distill.main(args)
     rows2 = [json.loads(l) for l in open(tmp_path / "out" / "results.jsonl")]
     assert len(rows2) == 4
+
+
+def test_student_batch_larger_than_a_runs_data_is_a_config_error(tmp_path, monkeypatch):
+    """Found by the fault campaign: a bare ZeroDivisionError before; now a ConfigError
+    naming the key, raised before the teacher trains."""
+    from kdjax import experiment as kx
+
+    monkeypatch.setattr(distill, "study_teacher", lambda *a, **k: pytest.fail("trained"))
+    args = [f"--config.out_dir={tmp_path}/out", f"--config.cache_dir={tmp_path}/cache",
+            f"--config.dataset.data_dir={tmp_path}/data", "--config.dataset.num_train=600",
+            "--config.dataset.num_test=100", "--config.dataset.val_size=100",
+            "--config.labelled=100", "--config.student.batch_size=128",
+            "--config.progress=False", "--no-xla-cache"]
+    with pytest.raises(kx.ConfigError, match=r"student.batch_size=128 .* \(100 examples\)"):
+        distill.main(args)
