@@ -184,22 +184,24 @@ def _host_plan(cost, a, b):
     return out
 
 
-def _exact_plan(cost, a, b):
-    """Optimal plan for ``cost`` (stop-gradient) from the host solver.
+_EXACT_PLAN = []   # the primitive, built on first use (kdjax.losses._exact_plan)
 
-    ``jax.pure_callback`` with ``vmap_method="broadcast_all"``: under ``vmap`` the
-    callback receives every operand with the mapped axes in front and ``_host_plan``
-    loops over them, so a vmapped call (e.g. :func:`conditional`) is one host call.
-    Public JAX only (an earlier version lowered a private primitive; see the git log:
-    ``jax.pure_callback`` hands the callback its operands as jax Arrays on the host CPU
-    device, and in a loaded 8-fake-CPU-device train step that transfer was once seen to
-    wait on the step's all-reduce; the 8-device ``fit`` regression test in
-    ``tests/methods/test_kd2m.py`` runs this path). The plan has no gradient (it is under
-    ``stop_gradient``; see :func:`exact_ot`).
+
+def _exact_plan(cost, a, b):
+    """Optimal plan for ``cost`` (stop-gradient) from the host solver ``_host_plan``.
+
+    A primitive whose lowering calls the solver on XLA's numpy buffers
+    (:mod:`kdjax.losses._exact_plan` says why not ``jax.pure_callback``: it aborted
+    8-device sharded steps). Under ``vmap`` the mapped axes go in front and
+    ``_host_plan`` loops over them (one host call). The plan has no gradient (it is
+    under ``stop_gradient``; see :func:`exact_ot`).
     """
+    if not _EXACT_PLAN:
+        from kdjax.losses._exact_plan import make_plan_primitive
+
+        _EXACT_PLAN.append(make_plan_primitive(_host_plan))
     cost, a, b = (jax.lax.stop_gradient(v).astype(jnp.float32) for v in (cost, a, b))
-    out = jax.ShapeDtypeStruct(cost.shape, jnp.float32)
-    return jax.pure_callback(_host_plan, out, cost, a, b, vmap_method="broadcast_all")
+    return _EXACT_PLAN[0].bind(cost, a, b)
 
 
 def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
@@ -211,7 +213,7 @@ def exact_ot(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
         \|x_i - y_j\|^2
 
     KD2M's "empirical" measure model (arXiv:2504.01757; authors' ``empirical_w2`` solves
-    it with ``ot.emd``). The plan is found on the host through ``jax.pure_callback`` (see ``_exact_plan``):
+    it with ``ot.emd``). The plan is found on the host (see ``_exact_plan``):
     with ``n == m`` and uniform weights it is a permutation
     (``scipy.optimize.linear_sum_assignment``), otherwise the transport LP is solved
     with HiGHS (``scipy.optimize.linprog``; fine up to a few hundred points). Zero-weight
