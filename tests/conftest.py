@@ -46,3 +46,21 @@ def run_guide():
         return namespace
 
     return run
+
+
+# The heavy tier: slow tests of the paper-scale paths (streamed two-process fits, the
+# paper configs end to end, torchvision ResNet-34/50 against PyTorch, every bound
+# relaxation by dense sampling, the shift driver's end-to-end grid). They are excluded
+# from the default run (setup.cfg addopts: -m "not heavy") to keep the README test
+# command inside its CI budget; run them with `pytest -m heavy`.
+_HEAVY_FILES = ("tests/experiments/test_paper.py", "tests/reliability/test_multiprocess.py",
+                "tests/models/test_torchvision.py", "tests/faithful/test_bounds_ops.py",
+                "tests/experiments/test_shift.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    root = str(config.rootpath)
+    for item in items:
+        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+        if rel in _HEAVY_FILES and item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.heavy)
