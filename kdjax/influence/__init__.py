@@ -9,25 +9,9 @@
   Koh & Liang influence scores and KD-AIF sample weights.
 """
 
-from kdjax.influence.curvature import ggn_vp, hvp, per_example_losses
-from kdjax.influence.scores import (WEIGHT_MAPPINGS, influence_scores, influence_weights,
-                                    per_example_jvp)
-from kdjax.influence.solvers import (INVERSE_METHODS, SolverDiagnostics, arnoldi, cg,
-                                     direct, inverse_hvp, lissa)
+from kdjax.influence import curvature, scores, solvers
+from kdjax.influence.curvature import *  # noqa: F401,F403
+from kdjax.influence.scores import *  # noqa: F401,F403
+from kdjax.influence.solvers import *  # noqa: F401,F403
 
-__all__ = [
-    "per_example_losses",
-    "hvp",
-    "ggn_vp",
-    "SolverDiagnostics",
-    "cg",
-    "lissa",
-    "arnoldi",
-    "direct",
-    "inverse_hvp",
-    "INVERSE_METHODS",
-    "per_example_jvp",
-    "influence_scores",
-    "influence_weights",
-    "WEIGHT_MAPPINGS",
-]
+__all__ = [*curvature.__all__, *solvers.__all__, *scores.__all__]

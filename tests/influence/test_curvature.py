@@ -11,14 +11,6 @@ from _influence_helpers import ce_out, flat, make_batch, mlp_apply, mlp_init, ml
 from kdjax.influence import ggn_vp, hvp, per_example_losses
 
 
-@pytest.fixture(scope="module")
-def mlp_problem():
-    params = mlp_init(jax.random.key(0))
-    batch = make_batch(jax.random.key(1), 16)
-    v = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
-    return params, batch, v
-
-
 # ----------------------------------------------------------- curvature products
 def test_per_example_losses_shape_convention(mlp_problem):
     params, batch, _ = mlp_problem

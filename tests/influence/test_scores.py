@@ -17,14 +17,6 @@ from _influence_helpers import (ce_out, flat, make_batch, mlp_apply, mlp_init,  
 from kdjax.influence import ggn_vp, influence_scores, influence_weights, per_example_jvp
 
 
-@pytest.fixture(scope="module")
-def mlp_problem():
-    params = mlp_init(jax.random.key(0))
-    batch = make_batch(jax.random.key(1), 16)
-    v = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
-    return params, batch, v
-
-
 # ----------------------------------------------------------------------- scores
 def test_single_jvp_scores_equal_per_example_gradients(mlp_problem):
     params, _, v = mlp_problem
