@@ -78,9 +78,21 @@ def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
         raise ValueError(f"axis_name must be one of the mesh axes {tuple(mesh.axis_names)}, "
                          f"got {axis_name!r}.")
     size = mesh.shape[axis_name]
-    axis_type = mesh.axis_types[mesh.axis_names.index(axis_name)]
-    place = (jax.sharding.reshard if axis_type == jax.sharding.AxisType.Explicit
-             else jax.lax.with_sharding_constraint)
+    # Outside a jax.set_mesh context the shard_map runs on an Auto-typed copy of the
+    # mesh and device_put moves the inputs onto it: with an Explicit mesh
+    # (jax.make_mesh's default) the scalar output would otherwise carry the mesh in its
+    # type and jax.grad there fails to seed its cotangent ("Length of device assignment
+    # 1 is not equal to the size of the mesh"). Inside a context (a training step under
+    # jax.set_mesh) shard_map must use the context's mesh as given, and reshard places
+    # the inputs.
+    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit
+
+    def placement():
+        if jax.sharding.get_abstract_mesh().empty:
+            return auto, jax.device_put
+        return mesh, (jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -98,10 +110,11 @@ def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
             return jax.tree_util.tree_map(lambda v: jax.lax.pmean(v, axis_name), out)
 
         specs = tuple(P() if _leading(v) is None else P(axis_name) for v in args)
-        mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: P() for k in arr_kw}),
+        on, place = placement()
+        mapped = jax.shard_map(local, mesh=on, in_specs=(specs, {k: P() for k in arr_kw}),
                                out_specs=P())
-        shardings = tuple(jax.sharding.NamedSharding(mesh, s) for s in specs)
-        replicated = jax.sharding.NamedSharding(mesh, P())
+        shardings = tuple(jax.sharding.NamedSharding(on, s) for s in specs)
+        replicated = jax.sharding.NamedSharding(on, P())
 
         @jax.jit
         def run(args, arr_kw):
