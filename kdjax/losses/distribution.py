@@ -760,7 +760,7 @@ def joint_ot(x: chex.Array, y: chex.Array, logits_x: chex.Array, logits_y: chex.
 # --- Gromov-Wasserstein -----------------------------------------------------------------
 
 def gromov_wasserstein(x: chex.Array, y: chex.Array, a: chex.Array | None = None,
-                       b: chex.Array | None = None, *, epsilon: chex.Numeric = 1e-3,
+                       b: chex.Array | None = None, *, epsilon: chex.Numeric = 3e-3,
                        threshold: float = 1e-4, max_iterations: int = 50,
                        min_iterations: int = 5, inner_max_iterations: int = 2000,
                        return_plan: bool = False, return_diagnostics: bool = False):
@@ -801,6 +801,11 @@ u) = \min_{\gamma\in\Pi(a,b)} \sum_{i,k,j,l}
       x: ``[n, d]`` student features. y: ``[m, e]`` teacher features (``e`` may differ).
       a, b: optional ``[n]`` / ``[m]`` non-negative sample weights (normalised).
       epsilon: entropic regularisation relative to the mean linearised cost, ``> 0``.
+        The default 3e-3 is the smallest of (1e-3, 3e-3, 1e-2, 3e-2) whose inner
+        Sinkhorn converges in the default 2,000 iterations on the tested clouds (value
+        within 0.05% of POT's); at 1e-3 it stops with a column-marginal error of 0.03
+        and a value 7-11% *below* POT's optimum, the objective at an infeasible plan
+        (check ``return_diagnostics``' ``converged`` when you lower it).
       threshold, max_iterations, min_iterations: outer (GW) iteration controls.
       inner_max_iterations: Sinkhorn iterations per linearised problem.
       return_plan: also return the ``[n, m]`` plan.
