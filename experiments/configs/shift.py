@@ -35,6 +35,7 @@ METHODS = [
     {"name": "dkd", "kd": False, "methods": [{"name": "dkd", "weight": 1.0}]},
     {"name": "kd_ls", "kd": False, "methods": [{"name": "kd_ls", "weight": 1.0}]},
     {"name": "dist", "kd": False, "methods": [{"name": "dist", "weight": 1.0}]},
+    {"name": "mlkd", "kd": False, "methods": [{"name": "mlkd", "weight": 1.0}]},
     # feature methods (pairs picked per architecture when not given: see kdjax.methods.zoo)
     {"name": "fitnet", "methods": [{"name": "fitnet"}]},
     {"name": "at", "methods": [{"name": "at"}]},
@@ -43,6 +44,8 @@ METHODS = [
     {"name": "ab", "methods": [{"name": "ab"}]},
     {"name": "ft", "methods": [{"name": "ft"}]},
     {"name": "fsp", "methods": [{"name": "fsp"}]},
+    {"name": "reviewkd", "methods": [{"name": "reviewkd"}]},
+    {"name": "disco", "methods": [{"name": "disco"}]},
     # relation methods
     {"name": "sp", "methods": [{"name": "sp"}]},
     {"name": "rkd", "methods": [{"name": "rkd"}]},
@@ -59,6 +62,7 @@ METHODS = [
     {"name": "kd2m_exact_ot", "methods": [{"name": "kd2m_exact_ot"}]},
     {"name": "kd2m_gaussian_kl", "methods": [{"name": "kd2m_gaussian_kl"}]},
     {"name": "kd2m_joint_ot", "methods": [{"name": "kd2m_joint_ot"}]},
+    {"name": "kd2m_gromov_wasserstein", "methods": [{"name": "kd2m_gromov_wasserstein"}]},
     # CoSS family (projector when widths differ)
     {"name": "coss", "methods": [{"name": "coss"}]},
     {"name": "cosine", "methods": [{"name": "cosine"}]},
@@ -67,6 +71,7 @@ METHODS = [
     {"name": "faithful_pgd", "methods": [{"name": "faithful_pgd"}]},
     {"name": "faithful_certified", "methods": [{"name": "faithful_certified"}]},
     {"name": "adversarial_distillation", "methods": [{"name": "adversarial_distillation"}]},
+    {"name": "rslad", "kd": False, "methods": [{"name": "rslad"}]},
     # data manipulation + KD
     {"name": "kd+noise", "methods": [], "augment": {"name": "gaussian_noise", "std": 0.1}},
     {"name": "kd+mixup", "methods": [], "augment": {"name": "mixup", "alpha": 0.2}},
