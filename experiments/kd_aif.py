@@ -73,7 +73,9 @@ def train_run(cfg, run, seed, S, splits, student, ckpt):
     train, inf, b, epochs = splits[0], cfg.influence, cfg.student.batch_size, cfg.student.epochs
     tx = make_optimizer(cfg.student.optimizer, total_steps=epochs * (len(train) // b),
                         steps_per_epoch=len(train) // b)
-    opts = {k: inf[k] for k in ("curvature", "curvature_examples", "damping", "maxiter")}
+    opts = {k: inf[k] for k in ("curvature", "curvature_examples", "damping")}
+    if inf.curvature == "ggn":   # maxiter is CG's; the last layer is solved directly
+        opts["maxiter"] = inf.maxiter
     if run in kd_aif.PROCEDURES:   # frozen teacher
         o, every = cfg.objective, max(1, epochs // cfg.student.evaluations)
         d = Distiller(student, [methods.build(m) for m in ({"name": "ce", "weight": o.ce_weight}, {

@@ -247,7 +247,10 @@ def test_ctrl_c_exits_130_with_one_line(toy):
     p = subprocess.Popen([sys.executable, str(toy.path / "toy.py"),
                           f"--config.out_dir={toy.path / 'out'}", "--config.sleep=True"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=toy.env)
+                         env=toy.env,
+                         # pytest-xdist workers ignore SIGINT and children inherit that:
+                         # Python would then never raise KeyboardInterrupt (the CI failure)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(3000):                 # wait until it is inside main
             line = p.stdout.readline()

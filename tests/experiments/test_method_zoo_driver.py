@@ -121,7 +121,7 @@ def test_repdistiller_config_one_step_on_mock_cifar100(tmp_path):
     s.dataset.data_dir = str(tmp_path)
     s.dataset.val_size = 8
     with tfds.testing.mock_data(num_examples=24, data_dir=None):
-        train, val, test = method_zoo.load_data(s)
+        train, val, test = method_zoo.load_splits(s.dataset)
     assert train.x.shape[1:] == (32, 32, 3) and train.num_classes == 100 and len(val) == 8
     teacher = models.create(s.teacher.model, 100)
     student = models.create(s.student.model, 100)

@@ -194,11 +194,17 @@ def test_rslad_matches_its_formula():
     assert int(st["step"]) == 1
 
 
-def _toy_classification(key, n=128):
-    k1, k2 = jax.random.split(key)
+def _toy_classification(key, n=128, d=16):
+    """One robust feature (class mean +-1, noise 0.4) and ``d`` weak ones (mean +-0.2):
+    together the weak features predict the class, but an L-inf step of 0.3 reverses
+    every one of them (Tsipras et al. 2019's construction). Plain training leans on
+    them; adversarial and certified training must not."""
+    k1, k2, k3 = jax.random.split(key, 3)
     y = jax.random.bernoulli(k1, 0.5, (n,)).astype(jnp.int32)
-    x = 0.6 * (2.0 * y[:, None] - 1.0) + 0.5 * jax.random.normal(k2, (n, 4))
-    return x, y
+    s = (2.0 * y - 1.0)[:, None]
+    robust = s + 0.4 * jax.random.normal(k2, (n, 1))
+    weak = 0.2 * s + 0.4 * jax.random.normal(k3, (n, d))
+    return jnp.concatenate([robust, weak], 1), y
 
 
 def _train_teacher(config, x, y, steps=150):
@@ -238,16 +244,17 @@ def _confidence_drop(fn, x, eps):
 
 
 @pytest.mark.parametrize("config", [
-    {"name": "pgd_at", "eps": 0.5, "clip": "none"},
-    {"name": "certified_training", "eps": 0.5, "clip": "none", "ramp_steps": 50}])
+    {"name": "pgd_at", "eps": 0.3, "clip": "none"},
+    {"name": "certified_training", "eps": 0.3, "clip": "none", "ramp_steps": 50}])
 def test_robust_teacher_training_lowers_the_teachers_pgd_gap(config):
+    # measured: PGD confidence drop 0.46 (plain) vs 0.023 (pgd_at) and 0.032 (IBP)
     x, y = _toy_classification(jax.random.key(1))
     plain = _train_teacher(None, x, y)
     robust = _train_teacher(config, x, y)
-    gap_plain, gap_robust = _confidence_drop(plain, x, 0.5), _confidence_drop(robust, x, 0.5)
-    assert gap_robust < 0.8 * gap_plain, (gap_plain, gap_robust)
+    gap_plain, gap_robust = _confidence_drop(plain, x, 0.3), _confidence_drop(robust, x, 0.3)
+    assert gap_plain > 0.3 and gap_robust < 0.25 * gap_plain, (gap_plain, gap_robust)
     acc = float(jnp.mean(jnp.argmax(robust(x), -1) == y))
-    assert acc > 0.7
+    assert acc > 0.9
 
 
 def test_worst_case_logits_bound_the_cross_entropy_in_the_ball():

@@ -122,7 +122,9 @@ def test_loop_mode_does_not_recompile_after_first_epoch():
     xs = jax.tree_util.tree_map(jnp.asarray, data)
     with count_compilations() as first:
         state, _ = epoch(state, tv, xs)
-    assert first.count == 1
+    # one program, compiled or read from a persistent cache (a driver test earlier in
+    # the same worker may have enabled one)
+    assert first.events == 1
     compiles = []
     listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
     monitoring.register_event_duration_secs_listener(listener)
