@@ -99,6 +99,7 @@ def test_kd2m_driver_end_to_end_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy   # the paper config (CIFAR-10 ResNets) on mock data: about 1 min
 def test_paper_config_one_training_step_on_mock_cifar10(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = kd2m.load(["paper:cifar10", f"--config.dataset.data_dir={tmp_path}",

@@ -114,6 +114,7 @@ def test_method_zoo_driver_end_to_end_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy   # RepDistiller CIFAR-100 ResNets on mock data
 def test_repdistiller_config_one_step_on_mock_cifar100(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = method_zoo.load(["repdistiller"])
