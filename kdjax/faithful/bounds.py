@@ -815,8 +815,9 @@ def _unary_lines(node: _Node, l, u):
     chord = jnp.where(wide, (fu - fl) / jnp.where(wide, w, 1.0), dm)
     # The tangent and secant are exact lines of f in real arithmetic; in floating point
     # their intercepts carry rounding errors of the order of eps times the magnitudes
-    # involved (|f| at the points that define the line and |k| max(|l|, |u|)), which near a zero of f exceed
-    # |f| itself (x^4 on [-9, 3]: a chord of ~1e4 units evaluated where f ~ 1e-3).
+    # involved (|f| at the points that define the line and |k| max(|l|, |u|)), which
+    # near a zero of f exceed |f| itself (x^4 on [-9, 3]: a chord of ~1e4 units
+    # evaluated where f ~ 1e-3).
     # Each intercept is pushed outward by a multiple of that error, so the line is
     # sound as evaluated, not only in exact arithmetic.
     eps = 16 * jnp.finfo(l.dtype).eps
