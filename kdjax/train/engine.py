@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -61,10 +61,12 @@ class TrainState:
 
 
 EPOCH_MODES = epoch_lib.EPOCH_MODES
+SEED_MODES = ("auto", "vmap", "sequential")
 NONFINITE = "nonfinite_params"   # key of the divergence flag in an epoch's mean terms
 
 
 primitives = _jaxpr.primitives  # names of every primitive in a jaxpr (one walker)
+iter_eqns = _jaxpr.iter_eqns
 
 
 def method_keys(methods: Sequence[BuiltMethod]) -> list[str]:
@@ -106,6 +108,10 @@ class Distiller:
         (``batch["teacher_logits"]``, optional ``batch["teacher_features"]`` dict)
         instead of running the teacher each step. Valid when the teacher's input is
         deterministic (no augmentation): compute them once with :func:`predict`.
+      seed_mode: how :func:`~kdjax.train.fit` trains a state with a leading seed axis:
+        ``"vmap"`` (one program over the stacked state), ``"sequential"`` (the seeds one
+        after the other through the one-seed programs; same numbers up to float
+        rounding) or ``"auto"`` (the default; :meth:`resolve_seed_mode`).
     """
 
     student: nn.Module
@@ -116,8 +122,12 @@ class Distiller:
     compute_dtype: Any = jnp.float32
     teacher_from_batch: bool = False
     epoch_mode: str = "auto"
+    seed_mode: str = "auto"
 
     def __post_init__(self):
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"seed_mode must be one of {list(SEED_MODES)}, got "
+                             f"{self.seed_mode!r}.")
         if self.epoch_mode not in EPOCH_MODES:
             raise ValueError(f"epoch_mode must be one of {sorted(EPOCH_MODES)}, got "
                              f"{self.epoch_mode!r}.")
@@ -158,21 +168,33 @@ class Distiller:
 
     def signature(self) -> tuple:
         """What the compiled programs depend on: the networks, the methods and their
-        static options, the optimiser object, augmentation, dtype and modes, but not the
-        traced numbers. Distillers with equal signatures share their jitted runners
+        static options, the optimiser's ``update`` function, augmentation, dtype and
+        modes, but not the traced numbers (loss weights, traced options, and the
+        learning rate of :func:`~kdjax.train.make_optimizer`, which lives in the
+        optimiser state). Distillers with equal signatures share their jitted runners
         (:meth:`epoch_runner`), so cells that differ only in weights, temperatures or
         other traced options run the same compiled program."""
         methods = tuple((m.name, id(m.method), repr(sorted(m.static_options.items())))
                         for m in self.methods)
-        return (self.student, self.teacher, methods, self.tx, self.augment,
+        return (self.student, self.teacher, methods, self.tx.update, self.augment,
                 jnp.dtype(self.compute_dtype).name, self.teacher_from_batch,
                 self.epoch_mode)
 
     # -- initialisation --------------------------------------------------------------
+    def optimizer_numbers(self) -> dict:
+        """The optimiser's injected hyperparameters (``{"learning_rate": lr}`` for
+        :func:`~kdjax.train.make_optimizer`; ``{}`` for an optimiser without
+        ``optax.inject_hyperparams``): numbers of ``opt_state``, not of the program, so
+        :meth:`init_seeds` takes them as arguments of its shared compiled init."""
+        hyper = getattr(self.tx.init({}), "hyperparams", None)
+        return dict(hyper) if isinstance(hyper, Mapping) else {}
+
     def init(self, seed: int | jax.Array, example_x, teacher_vars=None,
-             hparams=None) -> TrainState:
+             hparams=None, optimizer_numbers=None) -> TrainState:
         """Initial state from a seed and an example batch (shapes only matter);
-        ``hparams`` defaults to :meth:`hyperparameters`."""
+        ``hparams`` defaults to :meth:`hyperparameters`; ``optimizer_numbers``
+        (:meth:`optimizer_numbers`) replace the optimiser state's hyperparameters of
+        the same names."""
         key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
         k_student, k_adapters = jax.random.split(jax.random.fold_in(key, 1))
         x = jnp.asarray(example_x).astype(self.compute_dtype)
@@ -187,9 +209,12 @@ class Distiller:
             params["adapters"][k] = p
             method_state[k] = st
         hparams = self.hyperparameters() if hparams is None else hparams
+        opt_state = self.tx.init(params)
+        if optimizer_numbers:
+            opt_state = optax.tree_utils.tree_set(opt_state, **optimizer_numbers)
         return TrainState(epoch=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32),
                           params=params, batch_stats=batch_stats,
-                          opt_state=self.tx.init(params), method_state=method_state,
+                          opt_state=opt_state, method_state=method_state,
                           seed_key=key,
                           hparams=jax.tree_util.tree_map(jnp.asarray, hparams))
 
@@ -321,22 +346,45 @@ class Distiller:
             lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
         return "loop" if "conv_general_dilated" in primitives(jaxpr) else "scan"
 
-    def seeds_mode(self, example_x) -> str:
-        """How several seeds should train: ``"vmap"`` (one program over a stacked state)
-        or ``"sequential"`` (one run after the other), by a rule from measurements.
+    def resolve_seed_mode(self, example_x, num_seeds: int, mesh: Mesh | None = None) -> str:
+        """How :func:`~kdjax.train.fit` trains ``num_seeds`` stacked seeds: ``seed_mode``
+        unless "auto".
 
-        Rule: ``"sequential"`` when the student convolves, else ``"vmap"``. Why:
-        vmapping a convolution over per-seed kernels makes it a grouped convolution
-        (``feature_group_count = S``), which XLA runs no faster than ``S`` separate
-        ones on CPU (0.94-1.18x, ``benchmarks/seeds.py``) and slower on GPU (0.48x for
-        ResNet-8x4 on an H100), while vmapped dense students batch their matmuls
-        (3.3-4.9x on a GPU; on CPU see ``benchmarks/seeds.py``'s ``auto`` column). The
-        check traces the student abstractly (nothing compiles).
+        "auto" is a rule from ``benchmarks/seeds.py`` (one epoch, S seeds vmapped vs
+        sequential; ratio > 1: vmap faster):
+
+        ====================  =====  ========  ========  =========
+        student, backend      S = 1  S = 4     S = 8     rule
+        ====================  =====  ========  ========  =========
+        MLP, 2-core CPU       1.03   1.11      0.94      vmap if S <= 4
+        CNN1D, 2-core CPU     1.03   1.18      1.11      vmap
+        MLP, H100             0.95   3.31      4.90      vmap
+        CNN1D, H100           0.95   1.75      1.72      vmap
+        ResNet-8x4, H100      --     0.48      --        sequential
+        ====================  =====  ========  ========  =========
+
+        so: ``"sequential"`` when the student has a 2-D convolution (vmapping it over
+        per-seed kernels makes a grouped convolution, ``feature_group_count = S``, the
+        slow case), or on a CPU for more than 4 seeds of a student without
+        convolutions; else ``"vmap"``. The check traces the student abstractly on
+        ``example_x`` (shapes only; nothing runs or compiles).
         """
+        if self.seed_mode != "auto":
+            return self.seed_mode
+        if num_seeds <= 1:
+            return "vmap"
         x = jax.ShapeDtypeStruct((1, *example_x.shape[1:]), example_x.dtype)
         jaxpr = jax.make_jaxpr(
             lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
-        return "sequential" if "conv_general_dilated" in primitives(jaxpr) else "vmap"
+        spatial = [len(e.params["dimension_numbers"].lhs_spec) - 2
+                   for e, _ in iter_eqns(jaxpr) if e.primitive.name == "conv_general_dilated"]
+        if any(d >= 2 for d in spatial):
+            return "sequential"
+        platform = (mesh.devices.flat[0].platform if mesh is not None
+                    else jax.default_backend())
+        if platform == "cpu" and not spatial and num_seeds > 4:
+            return "sequential"
+        return "vmap"
 
     def epoch_runner(self, batch_size: int, example_x, mesh: Mesh | None = None, *,
                      num_seeds: int = 0, index_fn=None, mode: str | None = None):
@@ -397,14 +445,15 @@ class Distiller:
 
     def init_seeds(self, seeds, example_x, teacher_vars=None) -> TrainState:
         """``init`` of every seed in ``seeds`` (ints: ``PRNGKey(seed)``), stacked along a
-        leading seed axis, as one compiled program (shared per distiller and shapes)."""
+        leading seed axis, as one compiled program (shared per distiller and shapes; the
+        loss terms' numbers and the learning rate are its arguments)."""
         table = _RUNNERS.setdefault(self.signature(), {})
         if "init" not in table:
             table["init"] = jax.jit(jax.vmap(
-                lambda s, x, tv, hp: self.init(jax.random.PRNGKey(s), x, tv, hp),
-                in_axes=(0, None, None, None)))
+                lambda s, x, tv, hp, on: self.init(jax.random.PRNGKey(s), x, tv, hp, on),
+                in_axes=(0, None, None, None, None)))
         return table["init"](np.asarray(seeds, np.int32), np.asarray(example_x),
-                             teacher_vars, self.hyperparameters())
+                             teacher_vars, self.hyperparameters(), self.optimizer_numbers())
 
     def predict(self, state: TrainState, x: np.ndarray, batch_size: int = 512,
                 mesh: Mesh | None = None) -> np.ndarray:

@@ -10,10 +10,12 @@ teacher) before their first cell.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import optax
 
 from kdjax._checks import check_choice
@@ -104,32 +106,68 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int, steps_per_epoch: int
 
 
 def make_optimizer(cfg: Mapping[str, Any], *, total_steps: int, steps_per_epoch: int,
-                   key: str = "optimizer"):
+                   key: str = "optimizer") -> optax.GradientTransformationExtraArgs:
     """optax optimiser from ``cfg``: ``name`` in ``sgd`` (momentum, nesterov), ``adam``,
     ``adamw``; ``weight_decay`` (coupled L2 for sgd/adam as in the reference KD code,
     decoupled for adamw); ``grad_clip`` (global norm, 0 = off); ``learning_rate`` and
     the schedule keys of :func:`make_schedule`. Validated first
-    (:func:`validate_optimizer_config`, messages prefixed with ``key``)."""
+    (:func:`validate_optimizer_config`, messages prefixed with ``key``).
+
+    The learning rate is a *traced* number: the step size at step ``t`` is
+    ``learning_rate * s(t)`` with ``s`` the schedule at peak 1 (bit-identical to the
+    schedule built at ``learning_rate`` for ``constant`` and ``cosine``; the ``step``
+    schedule and the warm-up differ by float rounding), and ``learning_rate`` lives in
+    the optimiser state (``optax.inject_hyperparams``: ``opt_state.hyperparams
+    ["learning_rate"]``). Configs that differ only in ``learning_rate`` get optimisers
+    with the same ``update`` function, so a distiller built on either reuses the other's
+    compiled programs (:meth:`kdjax.train.Distiller.signature` keys on ``tx.update``);
+    ``init`` writes each config's own rate into the state.
+    """
     validate_optimizer_config(cfg, key)
     for name, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"make_optimizer {name} must be an int >= 1, got {v!r} (is "
                              f"the batch larger than the dataset?).")
+    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    lr = float(cfg.pop("learning_rate"))
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                          for k, v in cfg.items()))
+    shared = _unit_rate_optimizer(frozen, int(total_steps), int(steps_per_epoch))
+
+    def init(params):
+        state = shared.init(params)
+        rate = state.hyperparams["learning_rate"]
+        return state._replace(hyperparams={**state.hyperparams,
+                                           "learning_rate": jnp.asarray(lr, rate.dtype)})
+
+    return optax.GradientTransformationExtraArgs(init, shared.update)
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_rate_optimizer(frozen_cfg: tuple, total_steps: int, steps_per_epoch: int):
+    """The optimiser of a config without its learning rate (one object per config, so
+    its ``update`` is shared); the rate is an injected hyperparameter."""
+    cfg = dict(frozen_cfg)
+    unit = make_schedule({**cfg, "learning_rate": 1.0}, total_steps, steps_per_epoch)
     name = cfg.get("name", "sgd")
     wd = cfg.get("weight_decay", 0.0)
-    sched = make_schedule(cfg, total_steps, steps_per_epoch)
-    parts = []
-    if cfg.get("grad_clip", 0.0):
-        parts.append(optax.clip_by_global_norm(cfg["grad_clip"]))
-    if name == "sgd":
-        if wd:
-            parts.append(optax.add_decayed_weights(wd))
-        parts.append(optax.sgd(sched, momentum=cfg.get("momentum", 0.9) or None,
-                               nesterov=cfg.get("nesterov", False)))
-    elif name == "adam":
-        if wd:
-            parts.append(optax.add_decayed_weights(wd))
-        parts.append(optax.adam(sched))
-    else:
-        parts.append(optax.adamw(sched, weight_decay=wd))
-    return optax.chain(*parts)
+
+    def build(learning_rate):
+        sched = lambda count: learning_rate * unit(count)  # noqa: E731
+        parts = []
+        if cfg.get("grad_clip", 0.0):
+            parts.append(optax.clip_by_global_norm(cfg["grad_clip"]))
+        if name == "sgd":
+            if wd:
+                parts.append(optax.add_decayed_weights(wd))
+            parts.append(optax.sgd(sched, momentum=cfg.get("momentum", 0.9) or None,
+                                   nesterov=cfg.get("nesterov", False)))
+        elif name == "adam":
+            if wd:
+                parts.append(optax.add_decayed_weights(wd))
+            parts.append(optax.adam(sched))
+        else:
+            parts.append(optax.adamw(sched, weight_decay=wd))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build)(learning_rate=1.0)
