@@ -47,7 +47,7 @@ def bench(pair: str, seeds: int, batch: int = 64, steps: int = 16,
         return out
 
     t_seq = time_fn(run_sequential, repeats=3)["min_s"]
-    auto = d.seeds_mode(b["x"])   # the documented rule (Distiller.seeds_mode)
+    auto = d.resolve_seed_mode(b["x"], seeds)   # the documented rule (Distiller.seed_mode)
     return {"pair": pair, "teacher": teacher_mode, "mode": mode, "seeds": seeds,
             "batch": batch, "vmapped_epoch_s": t_vm,
             "sequential_epoch_s": t_seq, "throughput_ratio": t_seq / t_vm,

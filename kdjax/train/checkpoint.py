@@ -100,12 +100,21 @@ class Checkpointer:
         # fail fast: orbax stalls ~300 s (a barrier timeout) before failing a save into
         # a directory it cannot write
         self.directory = ensure_writable(directory)
+        self.max_to_keep = max_to_keep
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=False),
             item_names=("state", "meta"),
         )
+
+    def subdirectory(self, name: str) -> "Checkpointer":
+        """A checkpointer in ``<directory>/<name>`` (same ``max_to_keep``), e.g. one per
+        seed of a run whose seeds train in turn. ``name`` must not be a step number."""
+        if not isinstance(name, str) or not name or name.isdigit() or os.sep in name:
+            raise ValueError(f"subdirectory name must be a non-empty, non-numeric name "
+                             f"without {os.sep!r}, got {name!r}.")
+        return Checkpointer(os.path.join(self.directory, name), self.max_to_keep)
 
     def save(self, step: int, state: Any, meta: dict | None = None) -> None:
         self._mngr.save(step, args=ocp.args.Composite(

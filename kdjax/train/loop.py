@@ -6,8 +6,10 @@ a restarted ``fit`` with the same checkpointer resumes from the newest readable
 checkpoint and, since epoch keys are ``fold_in(seed_key, epoch)``, ends with exactly
 the parameters of an uninterrupted run.
 
-Several seeds train as one program when the state has a leading seed axis
-(``jax.vmap(distiller.init)``); ``fit`` reads the number of seeds from it. One seed or
+Several seeds train together when the state has a leading seed axis
+(``jax.vmap(distiller.init)``); ``fit`` reads the number of seeds from it and runs them
+as one vmapped program or one after the other, as :meth:`Distiller.resolve_seed_mode`
+says (``Distiller.seed_mode``). One seed or
 many, ``fit`` returns one :class:`FitResult` whose ``best`` has one record per seed.
 """
 
@@ -161,6 +163,12 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
         raise ValueError(f"batch_size {batch_size} must be divisible by the "
                          f"{mesh.devices.size} devices of the mesh.")
     num_seeds = num_seeds_of(state)
+    if (num_seeds > 1 and not isinstance(train_data, Stream) and
+            distiller.resolve_seed_mode(train_data["x"], num_seeds, mesh) == "sequential"):
+        return _fit_seeds_in_turn(
+            distiller, state, teacher_vars, train_data, num_seeds, checkpointer, desc,
+            epochs=epochs, batch_size=batch_size, mesh=mesh, evaluation=evaluation,
+            checkpoint_every=checkpoint_every, index_fn=index_fn, progress=progress)
     seeds = list(range(num_seeds)) if num_seeds else [None]
 
     history: list[dict] = []
@@ -230,6 +238,24 @@ def fit(distiller: Distiller, state: TrainState, teacher_vars, train_data: Mappi
                             batch_stats=_seed_slice(host[1], s),
                             metrics=history[-1] if history else None)
     return FitResult(state=state, best=best, history=history)
+
+
+def _fit_seeds_in_turn(distiller, state, teacher_vars, train_data, num_seeds, checkpointer,
+                       desc, **kwargs) -> FitResult:
+    """``fit`` of each seed of a stacked state through the one-seed programs (compiled
+    once, run ``num_seeds`` times; :meth:`Distiller.resolve_seed_mode`), each seed with
+    its own checkpoints (``<checkpointer>/seed<s>``); the result has the layout of a
+    vmapped run (stacked state, one ``best`` per seed, history by epoch then seed)."""
+    results = []
+    for s in range(num_seeds):
+        one = jax.tree_util.tree_map(lambda a: a[s], state)
+        ckpt = None if checkpointer is None else checkpointer.subdirectory(f"seed{s}")
+        results.append(fit(distiller, one, teacher_vars, train_data, checkpointer=ckpt,
+                           desc=f"{desc} seed {s}", **kwargs))
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[r.state for r in results])
+    history = sorted(({**row, "seed_index": s} for s, r in enumerate(results)
+                      for row in r.history), key=lambda r: (r["epoch"], r["seed_index"]))
+    return FitResult(state=stacked, best=[r.best[0] for r in results], history=history)
 
 
 def _best_arrays(best):
