@@ -9,7 +9,7 @@ from experiments import shift_lib as L
 from experiments import shift_report as SR
 from experiments.configs import shift as C
 from kdjax.experiment.config import config_hash, load_config
-from kdjax.experiment import results as R
+from kdjax.experiment import Store
 
 
 def quick(**over):
@@ -236,7 +236,7 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "fit", lambda *a, **k: pytest.fail("a finished cell reran"))
     rows2 = S.main(argv)
     assert sorted(r["cell_key"] for r in rows2) == sorted(r["cell_key"] for r in rows)
-    assert len(R.read_jsonl(str(tmp_path / "out" / "results.jsonl"))) == 18
+    assert len(Store(str(tmp_path / "out" / "results.jsonl")).read()) == 18
 
 
 def test_sweep_configs_parse_and_name_valid_keys_and_values():

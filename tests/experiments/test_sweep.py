@@ -1,6 +1,8 @@
-"""Grid machinery (experiments/grid.py) and the sweep CLI (experiments/sweep.py)."""
+"""Grid machinery (kdjax.experiment: cells, Run, tables, plots) and the sweep CLI
+(experiments/sweep.py)."""
 
 import json
+import os
 import sys
 import textwrap
 
@@ -9,7 +11,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import grid, sweep
+from experiments import sweep
+from kdjax import experiment as kx
+
+
+def run_grid(cells, path, *, run_cell=None, run_cells=None, metadata, log):
+    """The cells through :class:`kdjax.experiment.Run`, one seed or a group at a time."""
+    run = kx.Run(cells[0].config, name="grid", out_dir=os.path.dirname(path),
+                 results=os.path.basename(path), metadata=metadata, log=log)
+    if run_cells is not None:
+        return run.execute(cells, lambda c, seeds: run_cells(c.config, seeds))
+    return run.execute(cells, lambda c, seeds: [run_cell(c.config, seeds[0])],
+                       batch_seeds=False)
 
 
 def base_config():
@@ -24,33 +37,33 @@ def base_config():
 # ------------------------------------------------------------------ parsing / keys
 
 def test_parse_sweep_values_are_literals():
-    assert grid.parse_sweep("temperature=1,4,8") == ("temperature", [1, 4, 8])
-    assert grid.parse_sweep("method.weight=0.1, 1") == ("method.weight", [0.1, 1])
-    assert grid.parse_sweep("method.name=kd,'fitnet',dkd") == (
+    assert kx.parse_sweep("temperature=1,4,8") == ("temperature", [1, 4, 8])
+    assert kx.parse_sweep("method.weight=0.1, 1") == ("method.weight", [0.1, 1])
+    assert kx.parse_sweep("method.name=kd,'fitnet',dkd") == (
         "method.name", ["kd", "fitnet", "dkd"])
     # commas inside brackets/quotes do not split
-    assert grid.parse_sweep("pairs=[['a','b'],['c','d']],[['e','f']]") == (
+    assert kx.parse_sweep("pairs=[['a','b'],['c','d']],[['e','f']]") == (
         "pairs", [[["a", "b"], ["c", "d"]], [["e", "f"]]])
-    assert grid.parse_sweep("x='1,2',3") == ("x", ["1,2", 3])
+    assert kx.parse_sweep("x='1,2',3") == ("x", ["1,2", 3])
 
 
 @pytest.mark.parametrize("spec", ["temperature", "=1,2", "temperature=1,,2", "t="])
 def test_parse_sweep_errors(spec):
     with pytest.raises(ValueError, match="sweep"):
-        grid.parse_sweep(spec)
+        kx.parse_sweep(spec)
 
 
 def test_unknown_key_lists_valid_keys_and_close_match():
     with pytest.raises(ValueError) as e:
-        grid.validate_keys(base_config(), ["method.wieght"])
+        kx.validate_keys(base_config(), ["method.wieght"])
     msg = str(e.value)
     assert "method.wieght" in msg and "method.weight" in msg and "temperature" in msg
     assert "Did you mean" in msg
-    grid.validate_keys(base_config(), ["method.weight", "temperature", "method"])
+    kx.validate_keys(base_config(), ["method.weight", "temperature", "method"])
 
 
 def test_expand_product_seeds_and_keys():
-    cells = grid.expand(base_config(), [("temperature", [1, 4, 8]),
+    cells = kx.expand(base_config(), [("temperature", [1, 4, 8]),
                                         ("method.weight", [0.1, 1])], range(3))
     assert len(cells) == 3 * 2 * 3
     assert len({c.key for c in cells}) == len(cells)
@@ -63,33 +76,33 @@ def test_expand_product_seeds_and_keys():
     assert base_config().temperature == 4.0
     other = base_config()
     other.out_dir = "elsewhere"
-    again = grid.expand(other, [("temperature", [1, 4, 8]), ("method.weight", [0.1, 1])],
+    again = kx.expand(other, [("temperature", [1, 4, 8]), ("method.weight", [0.1, 1])],
                         range(3))
     assert [a.key for a in again] == [a.key for a in cells]
 
 
 def test_expand_errors():
     with pytest.raises(ValueError, match="Valid keys"):
-        grid.expand(base_config(), [("temprature", [1])], [0])
+        kx.expand(base_config(), [("temprature", [1])], [0])
     with pytest.raises(ValueError, match="seeds"):
-        grid.expand(base_config(), [], [0, 0])
+        kx.expand(base_config(), [], [0, 0])
     with pytest.raises(ValueError, match="expects a bool|expects"):
         bad = base_config()
         bad.flag = True
-        grid.expand(bad, [("flag", ["maybe"])], [0])
+        kx.expand(bad, [("flag", ["maybe"])], [0])
 
     def validate(c):
         if c.temperature <= 0:
             raise ValueError("config.temperature must be > 0")
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        grid.expand(base_config(), [("temperature", [1, -1])], [0], validate=validate)
+        kx.expand(base_config(), [("temperature", [1, -1])], [0], validate=validate)
 
 
 # ------------------------------------------------------------------------- resume
 
 def test_run_grid_resumes_and_counts_calls(tmp_path):
     path = str(tmp_path / "rows.jsonl")
-    cells = grid.expand(base_config(), [("temperature", [1, 2])], range(3))
+    cells = kx.expand(base_config(), [("temperature", [1, 2])], range(3))
     calls = []
 
     def run_cell(config, seed):
@@ -97,30 +110,30 @@ def test_run_grid_resumes_and_counts_calls(tmp_path):
         return {"acc": config.temperature + seed / 10, "global_batch_size": 8}
 
     meta = {"git_revision": "test"}
-    rows = grid.run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
+    rows = run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
     assert len(calls) == 6 and len(rows) == 6
     r = rows[0]
     assert {"cell_key", "group_key", "seed", "overrides", "config", "git_revision",
             "global_batch_size"} <= set(r)
     assert r["config"]["temperature"] == r["overrides"]["temperature"]
     # rerun: nothing runs, same rows
-    rows2 = grid.run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
+    rows2 = run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
     assert len(calls) == 6 and rows2 == rows
     # lose one row (e.g. killed before it was written): only that cell reruns
     lines = open(path).read().splitlines()
     lost = json.loads(lines[3])
     open(path, "w").write("\n".join(lines[:3] + lines[4:]) + "\n")
-    grid.run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
+    run_grid(cells, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
     assert calls[6:] == [(lost["config"]["temperature"], lost["seed"])]
     # more seeds: only the new ones run
-    more = grid.expand(base_config(), [("temperature", [1, 2])], range(4))
-    grid.run_grid(more, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
+    more = kx.expand(base_config(), [("temperature", [1, 2])], range(4))
+    run_grid(more, path, run_cell=run_cell, metadata=meta, log=lambda m: None)
     assert sorted(calls[7:]) == [(1.0, 3), (2.0, 3)]
 
 
 def test_run_grid_batched_seeds_and_skips(tmp_path):
     path = str(tmp_path / "rows.jsonl")
-    cells = grid.expand(base_config(), [("temperature", [1, 2])], range(3))
+    cells = kx.expand(base_config(), [("temperature", [1, 2])], range(3))
     calls = []
 
     def run_cells(config, seeds):
@@ -129,16 +142,14 @@ def test_run_grid_batched_seeds_and_skips(tmp_path):
             return None  # skipped cell: nothing written
         return [{"acc": float(s)} for s in seeds]
 
-    rows = grid.run_grid(cells, path, run_cells=run_cells, metadata={}, log=lambda m: None)
+    rows = run_grid(cells, path, run_cells=run_cells, metadata={}, log=lambda m: None)
     assert calls == [(1.0, [0, 1, 2]), (2.0, [0, 1, 2])]
     assert sorted(r["seed"] for r in rows) == [0, 1, 2]
     # a partially finished group runs only its missing seeds, together
     lines = open(path).read().splitlines()
     open(path, "w").write("\n".join(lines[:1]) + "\n")
-    grid.run_grid(cells, path, run_cells=run_cells, metadata={}, log=lambda m: None)
+    run_grid(cells, path, run_cells=run_cells, metadata={}, log=lambda m: None)
     assert calls[2] == (1.0, [1, 2])
-    with pytest.raises(ValueError, match="exactly one"):
-        grid.run_grid(cells, path, metadata={})
 
 
 # -------------------------------------------------------------------- aggregation
@@ -151,7 +162,7 @@ def _rows(rng, methods=("a", "b", "c"), cols=("x", "y"), seeds=5):
 def test_pivot_mean_std_against_numpy():
     rows = _rows(np.random.default_rng(0))
     rows.append({"m": "a", "s": "x", "seed": 99, "acc": float("nan")})  # ignored
-    table = grid.pivot(rows, "m", "s", "acc")
+    table = kx.pivot(rows, "m", "s", "acc")
     for (m, c), cell in table.items():
         v = np.array([r["acc"] for r in rows if r["m"] == m and r["s"] == c
                       and not np.isnan(r["acc"])])
@@ -161,15 +172,15 @@ def test_pivot_mean_std_against_numpy():
 
 
 def test_ranks_ties_and_nan():
-    assert grid.ranks([0.5, 0.9, 0.5, float("nan")]) == [2.5, 1.0, 2.5, pytest.approx(
+    assert kx.ranks([0.5, 0.9, 0.5, float("nan")]) == [2.5, 1.0, 2.5, pytest.approx(
         float("nan"), nan_ok=True)]
-    assert grid.ranks([3.0, 1.0, 2.0], higher_is_better=False) == [3.0, 1.0, 2.0]
+    assert kx.ranks([3.0, 1.0, 2.0], higher_is_better=False) == [3.0, 1.0, 2.0]
 
 
 def test_paired_differences_against_scipy():
     rows = _rows(np.random.default_rng(1))
-    table = grid.pivot(rows, "m", "s", "acc")
-    diffs = grid.paired_differences(table, "a")
+    table = kx.pivot(rows, "m", "s", "acc")
+    diffs = kx.paired_differences(table, "a")
     for c in ("x", "y"):
         a = np.array([r["acc"] for r in rows if r["m"] == "b" and r["s"] == c])
         b = np.array([r["acc"] for r in rows if r["m"] == "a" and r["s"] == c])
@@ -181,14 +192,14 @@ def test_paired_differences_against_scipy():
         assert diffs[("a", c)][:1] == (0.0,)
     # only common seeds are paired
     rows2 = [r for r in rows if not (r["m"] == "b" and r["seed"] == 0)]
-    d2 = grid.paired_differences(grid.pivot(rows2, "m", "s", "acc"), "a")
+    d2 = kx.paired_differences(kx.pivot(rows2, "m", "s", "acc"), "a")
     assert d2[("b", "x")][3] == 4
 
 
 def test_pivot_markdown_has_every_cell_rank_and_ci():
     rows = _rows(np.random.default_rng(2))
-    table = grid.pivot(rows, "m", "s", "acc")
-    text = grid.pivot_markdown(table, ["a", "b", "c"], ["x", "y"], baseline="a")
+    table = kx.pivot(rows, "m", "s", "acc")
+    text = kx.pivot_markdown(table, ["a", "b", "c"], ["x", "y"], baseline="a")
     lines = text.splitlines()
     assert lines[0] == "| method | x | y | mean rank |"
     means = {k: v["mean"] for k, v in table.items()}
@@ -201,9 +212,9 @@ def test_pivot_markdown_has_every_cell_rank_and_ci():
 
 def test_plots_are_written(tmp_path):
     rows = _rows(np.random.default_rng(3))
-    t = grid.pivot(rows, "m", "s", "acc")
-    grid.plot_bars(t, ["a", "b", "c"], ["x", "y"], str(tmp_path / "bars.png"), ylabel="acc")
-    grid.plot_scatter(t, t, ["a", "b", "c"], ["x", "y"], str(tmp_path / "sc.png"),
+    t = kx.pivot(rows, "m", "s", "acc")
+    kx.plot_bars(t, ["a", "b", "c"], ["x", "y"], str(tmp_path / "bars.png"), ylabel="acc")
+    kx.plot_scatter(t, t, ["a", "b", "c"], ["x", "y"], str(tmp_path / "sc.png"),
                       xlabel="in", ylabel="out")
     for f in ("bars.png", "sc.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from kdjax._io import atomic_save_npy, atomic_write_bytes, atomic_write_text
-from kdjax.experiment import ResultsWarning
-from kdjax.experiment.results import append_jsonl, read_jsonl
+from kdjax.experiment import ResultsWarning, Store
 
 _WRITER = textwrap.dedent("""
     import sys, time
@@ -83,16 +82,17 @@ def test_atomic_write_replaces_the_file_when_it_completes(tmp_path):
     assert [f for f in os.listdir(path.parent)] == ["b.txt"]
 
 
-def test_append_jsonl_skips_a_torn_last_line_and_keeps_it(tmp_path):
-    path = str(tmp_path / "rows.jsonl")
-    append_jsonl(path, [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}])
+def test_store_skips_a_torn_last_line_and_keeps_it(tmp_path):
+    store = Store(str(tmp_path / "rows.jsonl"))
+    path = store.path
+    store.append([{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}])
     with open(path, "a") as f:               # a writer killed mid-line (non-atomic append)
         f.write('{"seed": 2, "acc": 0.')
     with pytest.warns(ResultsWarning, match="line 3: truncated last line"):
-        assert read_jsonl(path) == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}]
-    append_jsonl(path, [{"seed": 3, "acc": 0.7}])
+        assert store.read() == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}]
+    store.append([{"seed": 3, "acc": 0.7}])
     with pytest.warns(ResultsWarning, match="line 3: not JSON"):
-        rows = read_jsonl(path)
+        rows = store.read()
     assert rows == [{"seed": 0, "acc": 0.5}, {"seed": 1, "acc": 0.6}, {"seed": 3, "acc": 0.7}]
     # nothing was deleted from disk: the torn fragment is still its own line
     lines = open(path).read().splitlines()
