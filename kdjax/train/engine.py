@@ -417,9 +417,11 @@ class Distiller:
         the same jitted forward pass (padding rows are dropped). ``num_seeds > 0``: a
         state with a leading seed axis gives ``logits[seeds, N, C]``, all seeds in one
         program. ``state`` needs only ``params["student"]`` and ``batch_stats``. Shared
-        per distiller and arguments, like :meth:`epoch_runner`."""
+        by every distiller with this student and compute dtype (the forward pass does
+        not depend on the methods, optimiser or teacher), per arguments."""
         _check_batch_size(batch_size)
-        table = _RUNNERS.setdefault(self.signature(), {})
+        table = _RUNNERS.setdefault(("student", self.student,
+                                     jnp.dtype(self.compute_dtype).name), {})
         key = ("predict", batch_size, mesh, num_seeds)
         if key not in table:
             def forward(params, batch_stats, xb):

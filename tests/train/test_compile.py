@@ -52,12 +52,20 @@ def test_cells_differing_only_in_numbers_share_every_program():
     fb = np.concatenate([np.ravel(v) for v in
                          __import__("jax").tree_util.tree_leaves(b.state.params)])
     assert not np.allclose(fa, fb)
-    # and a different structure (another method) does compile
+    # and a different structure (another method) does compile its init
     student, teacher = models.create("mlp", 4, hidden=(16,)), models.create("mlp", 4)
     other = Distiller(student, (methods.build({"name": "ce"}),), TX)
     with count_compilations() as c:
-        other.init_seeds([0], _data()["x"][:2])
+        state = other.init_seeds([0, 1], _data()["x"][:2])
     assert c.count == 1
+    # but its forward pass (evaluation) is the same student's: shared, nothing compiles
+    with count_compilations() as c:
+        logits = other.predictor(512, num_seeds=2)(state, _data()["x"][:40])
+    assert c.count == 0 and logits.shape == (2, 40, 4)
+    d = Distiller(student, (methods.build({"name": "ce"}),), TX)
+    np.testing.assert_allclose(logits[1], d.predict(   # vmapped vs one seed: rounding
+        __import__("jax").tree_util.tree_map(lambda a: a[1], state), _data()["x"][:40]),
+        rtol=1e-5, atol=1e-6)
 
 
 def test_traced_numbers_give_the_numbers_of_constants():
