@@ -30,6 +30,7 @@ __all__ = [
     "margin_bounds",
     "probability_bounds",
     "gap_upper_bound",
+    "certified_agreement",
     "certify",
     "worst_case_logits",
     "faithful_penalty",
@@ -189,6 +190,24 @@ def gap_upper_bound(bounds: MarginBounds) -> dict[str, chex.Array]:
             "p_student_lower": ls, "p_student_upper": us}
 
 
+def certified_agreement(bounds: MarginBounds) -> chex.Array:
+    r"""``[B]`` bool: the label ``y`` of the bounds is the student's argmax over the whole
+    ball, certified by ``min_{j != y} lower(z^S_y - z^S_j) > 0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from kdjax.faithful import MarginBounds, certified_agreement
+      >>> lo = jnp.array([[0.0, 0.5], [0.0, -0.1]])
+      >>> certified_agreement(MarginBounds(jnp.array([0, 0]), lo, lo, lo, lo)).tolist()
+      [True, False]
+    """
+    if not isinstance(bounds, MarginBounds):
+        raise TypeError(f"bounds must be a MarginBounds, got {type(bounds).__name__}.")
+    k = bounds.student_lower.shape[-1]
+    ymask = jax.nn.one_hot(bounds.labels, k, dtype=bool)
+    return jnp.min(jnp.where(ymask, jnp.inf, bounds.student_lower), axis=-1) > 0
+
+
 def certify(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
             eps: chex.Numeric, delta: chex.Numeric, method: str = "crown", clip=None,
             labels: chex.Array | None = None,
@@ -219,9 +238,7 @@ def certify(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
                        batch_chunk=batch_chunk)
     ub = gap_upper_bound(mb)
     k = mb.student_lower.shape[-1]
-    ymask = jax.nn.one_hot(mb.labels, k, dtype=bool)
-    min_margin = jnp.min(jnp.where(ymask, jnp.inf, mb.student_lower), axis=-1)
-    out = {"faithful": ub["gap"] <= delta, "agree": min_margin > 0,
+    out = {"faithful": ub["gap"] <= delta, "agree": certified_agreement(mb),
            "gap_upper": ub["gap"], "over_upper": ub["over"], "under_upper": ub["under"],
            "teacher_labels": mb.labels}
     if labels is not None:
