@@ -1,4 +1,5 @@
-"""The faithful-KD driver: configs, one step of every run on mock TFDS data, tiny e2e."""
+"""The faithful-KD driver: configs, one step of every run on mock TFDS data, tiny e2e
+(rows, tables and resume through :mod:`kdjax.experiment`)."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import pytest
 
 from experiments import faithful
 from experiments.configs import faithful as faithful_config
+from kdjax import experiment as kx
 from kdjax import models
+from kdjax.train import Distiller, make_optimizer
 
 
 @pytest.mark.parametrize("variant", faithful_config.VARIANTS)
@@ -47,14 +50,16 @@ def test_tfds_configs_one_step_of_every_run_on_mock_data(tmp_path, variant):
     x = jnp.asarray(train.x[:8])
     tvars = teacher.init(jax.random.PRNGKey(0), x, train=False)
     batch = {"x": x, "y": jnp.asarray(train.y[:8])}
+    # each run's student as the driver builds it (experiments.common.fit_students)
+    student = models.create(cfg.student.model, 10, **cfg.student.model_kwargs.to_dict())
+    tx = make_optimizer(cfg.student.optimizer, total_steps=1, steps_per_epoch=1)
     for run in cfg.runs:
-        d = faithful.make_distiller(cfg, run, 10, teacher, clip, steps_per_epoch=1)
+        d = Distiller(student, faithful.build_methods(run, clip), tx, teacher=teacher)
         state = d.init(0, x[:2], tvars)
         new, terms = jax.jit(d.train_step)(state, tvars, batch, jax.random.PRNGKey(1))
         assert int(new.step) == 1, run["name"]
         assert all(np.isfinite(float(v)) for v in terms.values()), (run["name"], terms)
     # the evaluator certifies and attacks the CNN teacher / MLP student pair
-    student = models.create(cfg.student.model, 10, **cfg.student.model_kwargs.to_dict())
     with cfg.unlocked():
         cfg.eval.crown_points = 2
     ev = faithful.make_evaluator(cfg, student, teacher, tvars, clip)
@@ -80,8 +85,12 @@ def test_faithful_driver_end_to_end_and_resume(tmp_path):
     assert len(rows) == 8
     for r in rows:
         for key in ("git_revision", "jax_version", "device_kind", "global_batch_size", "seed",
-                    "config", "config_hash", "clip"):
+                    "config", "config_hash", "clip", "cell_key", "code_state"):
             assert key in r, key
+        # rows written before the experiment layer stay valid: the study hash is the
+        # former driver's (the config without out_dir, cache_dir and progress)
+        assert r["config_hash"] == kx.config_hash({k: v for k, v in r["config"].items() if k
+                                                   not in ("out_dir", "cache_dir", "progress")})
         f = r["faithfulness"]
         assert f["bound_violations"] == 0
         for eps, m in f["eps"].items():
@@ -96,6 +105,9 @@ def test_faithful_driver_end_to_end_and_resume(tmp_path):
         assert all(a <= b + 1e-6 for a, b in zip(pg, pg[1:]))
     table = open(tmp_path / "out" / "results.md").read()
     assert "| faithful_certified |" in table and "eps=0.1, delta=0.2" in table
+    assert " ± " in table and "+-" not in table       # the one formatter
+    assert "Seeds found: [0, 1]; 8 rows" in table
+    assert "PGD above a certified bound (must be 0): 0 point(s)." in table
     assert os.path.exists(tmp_path / "out" / "gaps.png")
     faithful.main(args)   # rerun: every row is done, nothing retrained or duplicated
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 8
