@@ -25,26 +25,46 @@ shift (:func:`kdjax.data.augment.random_shift`, a crop of the padded signal), fo
 images ``[B, H, W, C]`` a pad-and-crop (:func:`kdjax.data.augment.random_crop`); then a
 random per-example amplitude scaling and additive Gaussian noise. Deviation from the
 paper: no colour distortion or blur (they do not exist for 1-D signals / 8x8 digits).
+
+From configs: :func:`make_simclr` builds the trainer (optimiser schedule over the run's
+steps, views, head), :meth:`SimCLR.fit_seeds` trains one encoder per seed (all seeds
+as one vmapped program), and :func:`cached_encoder` trains an encoder once per config
+hash and keeps it in the one on-disk cache (:mod:`kdjax.train.cache`), e.g. the CoSS
+driver's SimCLR teacher.
+
+Distilling from such an encoder without labels (CoSS, arXiv 2409.13939, and its
+baselines): :func:`label_free_data` is what the student trains on -- the inputs and the
+teacher's precomputed embeddings, no labels by construction -- and :func:`neighbor_plan`
+the batch plan of CoSS (anchors with sampled teacher neighbours,
+:func:`kdjax.data.neighbors.neighbor_batches`) as an ``index_fn`` of the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import chex
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kdjax._checks import check_float_array, check_nonnegative, check_positive
+from kdjax._io import config_hash
 from kdjax.data import augment as aug
+from kdjax.data.neighbors import neighbor_batches
 from kdjax.models.projector import Projector
+from kdjax.train import cache
 from kdjax.train import epoch as epoch_lib
+from kdjax.train.checkpoint import Checkpointer
+from kdjax.train.optim import make_optimizer
 
-__all__ = ["nt_xent", "view_augment", "SimCLR", "SimCLRState"]
+__all__ = ["nt_xent", "view_augment", "SimCLR", "SimCLRState", "make_simclr",
+           "cached_encoder", "label_free_data", "neighbor_plan"]
 
 
 def nt_xent(z1: chex.Array, z2: chex.Array, temperature: chex.Numeric = 0.5) -> chex.Array:
@@ -261,3 +281,128 @@ class SimCLR:
                                                       and (e + 1) % checkpoint_every == 0)):
                 checkpointer.save(e + 1, {"state": state}, {"losses": losses})
         return state, losses
+
+    def fit_seeds(self, x, seeds: Sequence[int], *, epochs: int, batch_size: int,
+                  vmap: bool = True, ckpt_dir: str | None = None, name: str = "simclr",
+                  checkpoint_every: int = 0, progress: bool = False, desc: str = "simclr"):
+        """One encoder per seed; ``[(encoder variables on host, per-epoch losses)]``.
+
+        With ``vmap`` and several seeds, all of them train as one vmapped program
+        (:meth:`fit` with ``num_seeds``), checkpointed in ``<ckpt_dir>/<name>_<s1>_<s2>...``;
+        otherwise one after the other, seed ``s`` in ``<ckpt_dir>/<name>_<s>`` (the layout
+        of the drivers' ``fit_seeds``). Seed ``s`` starts from ``PRNGKey(s)`` either way.
+        ``ckpt_dir=None``: no checkpoints.
+        """
+        seeds = [int(s) for s in seeds]
+        vm = vmap and len(seeds) > 1
+        example = jnp.asarray(x[:2])
+        out = []
+        for group in [seeds] if vm else [[s] for s in seeds]:
+            if vm:
+                keys = jnp.stack([jax.random.PRNGKey(s) for s in group])
+                state = jax.vmap(lambda k: self.init(k, example))(keys)
+            else:
+                state = self.init(group[0], example)
+            ckpt = None if ckpt_dir is None else Checkpointer(
+                os.path.join(ckpt_dir, name + "_" + "_".join(map(str, group))))
+            state, losses = self.fit(state, x, epochs=epochs, batch_size=batch_size,
+                                     num_seeds=len(group) if vm else 0, checkpointer=ckpt,
+                                     checkpoint_every=checkpoint_every, progress=progress,
+                                     desc=desc)
+            for i in range(len(group)):
+                one = jax.tree_util.tree_map(lambda a: a[i], state) if vm else state
+                out.append((jax.device_get(self.encoder_variables(one)),
+                            [epoch_losses[i] for epoch_losses in losses]))
+        return out
+
+
+def make_simclr(encoder: nn.Module, optimizer: Mapping[str, Any], *, num_examples: int,
+                batch_size: int, epochs: int, temperature: float = 0.5, proj_dim: int = 64,
+                hidden_dim: int = 256, max_shift: int = 4, scale: float = 0.2,
+                noise_std: float = 0.1) -> SimCLR:
+    """A :class:`SimCLR` trainer from configs.
+
+    ``optimizer`` is a :func:`kdjax.train.make_optimizer` config whose schedule spans the
+    run: ``epochs * (num_examples // batch_size)`` steps. The keyword options are those of
+    an ``ssl`` config: the views (:func:`view_augment`: ``max_shift``, ``scale``,
+    ``noise_std``), the NT-Xent ``temperature`` and the projection head's ``proj_dim`` and
+    ``hidden_dim``.
+    """
+    steps = num_examples // batch_size
+    tx = make_optimizer(optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
+    return SimCLR(encoder, tx, view_augment(max_shift, scale, noise_std),
+                  temperature=temperature, proj_dim=proj_dim, hidden_dim=hidden_dim)
+
+
+def cached_encoder(encoder: nn.Module, x, *, config: Mapping[str, Any],
+                   ssl: Mapping[str, Any], data: Mapping[str, Any], cache_dir: str,
+                   progress: bool = False, prefix: str = "teacher_simclr"):
+    """A SimCLR-trained ``encoder`` on inputs ``x``, trained once and cached.
+
+    ``config`` holds the run's ``optimizer``, ``epochs``, ``batch_size`` and ``seed`` (and
+    whatever else identifies the encoder, e.g. its model); ``ssl`` the options of
+    :func:`make_simclr`; ``data`` the identity of ``x`` (its dataset config). The entry is
+    ``f"{prefix}_{key}"`` with ``key = config_hash("simclr", config, ssl, data)`` in the
+    one cache (:func:`kdjax.train.cache.get_or_build`); the build checkpoints every
+    epoch into the entry's checkpoint directory, so a killed build resumes.
+
+    Returns ``(encoder variables, meta)``; ``meta`` has ``kind``, ``config``, ``ssl``,
+    ``data``, ``key``, the per-epoch ``losses`` and ``cached`` (read from the cache or
+    trained now).
+    """
+    key = config_hash("simclr", config, ssl, data)
+    epochs, batch_size = config["epochs"], config["batch_size"]
+
+    def build(ckpt_dir):
+        trainer = make_simclr(encoder, config["optimizer"], num_examples=len(x),
+                              batch_size=batch_size, epochs=epochs, **ssl)
+        state, losses = trainer.fit(trainer.init(int(config["seed"]), x[:2]), x,
+                                    epochs=epochs, batch_size=batch_size,
+                                    checkpointer=Checkpointer(ckpt_dir), checkpoint_every=1,
+                                    progress=progress, desc=prefix)
+        return trainer.encoder_variables(state), {
+            "kind": "simclr", "config": config, "ssl": ssl, "data": data, "key": key,
+            "losses": losses}
+
+    template = encoder.init(jax.random.PRNGKey(0), x[:2], train=False)
+    return cache.get_or_build(cache_dir, f"{prefix}_{key}", template, build,
+                              what=f"SimCLR encoder {prefix}_{key}")
+
+
+def label_free_data(x, teacher_features, *, feature: str = "pooled") -> dict:
+    """What a student distilled without labels trains on: inputs and teacher embeddings.
+
+    ``{"x": x, "teacher_logits": [N, 0], "teacher_features": {feature: teacher_features}}``
+    (float32) for a :class:`kdjax.train.Distiller` with ``teacher_from_batch=True``.
+    There is no ``"y"`` (nor any label-derived array) in it, so no loss term can read
+    labels; ``teacher_logits`` is an empty placeholder of the engine's
+    ``teacher_from_batch`` contract (the CoSS-family methods read features only).
+
+    Examples:
+      >>> import numpy as np
+      >>> from kdjax.recipes.simclr import label_free_data
+      >>> sorted(label_free_data(np.zeros((4, 8, 1)), np.zeros((4, 3))))
+      ['teacher_features', 'teacher_logits', 'x']
+    """
+    n = len(x)
+    if len(teacher_features) != n:
+        raise ValueError(f"teacher_features must have one row per input ({n}), got "
+                         f"{len(teacher_features)}.")
+    return {"x": np.asarray(x, np.float32),
+            "teacher_logits": np.zeros((n, 0), np.float32),
+            "teacher_features": {feature: np.asarray(teacher_features, np.float32)}}
+
+
+def neighbor_plan(neighbors, batch_size: int, *, num_sampled: int, num_candidates: int):
+    """``index_fn(key, n)`` for :meth:`kdjax.train.Distiller.epoch_fn`: the first
+    ``n // batch_size`` batches of CoSS neighbour groups
+    (:func:`kdjax.data.neighbors.neighbor_batches` over the teacher k-NN graph
+    ``neighbors``), so an epoch has the same number of steps as a random-batch epoch."""
+    neighbors = jnp.asarray(neighbors, jnp.int32)
+
+    def index_fn(key, n):
+        plan = neighbor_batches(key, neighbors, batch_size, num_sampled=num_sampled,
+                                num_candidates=num_candidates)
+        return plan[: n // batch_size]
+
+    return index_fn
