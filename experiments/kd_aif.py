@@ -20,11 +20,11 @@ import numpy as np
 import optax
 
 from experiments.common import evaluate_student, labelled_subset, load_splits
-from kdjax import experiment as kx, methods, models
+from kdjax import experiment as kx, models
 from kdjax.data.corruption import corrupt_teacher_logits, flip_labels
 from kdjax.evaluation import auroc
 from kdjax.recipes import kd_aif
-from kdjax.train import Distiller, EvalSet, Evaluation, evaluate, make_optimizer, predict
+from kdjax.train import EvalSet, Evaluation, evaluate, make_optimizer, predict
 from kdjax.train.teacher import get_teacher, teacher_apply
 
 SELECTION = ("settings", "runs", "seeds")   # which cells run, not what a cell is: not keyed
@@ -77,10 +77,8 @@ def train_run(cfg, run, seed, S, splits, student, ckpt):
     if inf.curvature == "ggn":   # maxiter is CG's; the last layer is solved directly
         opts["maxiter"] = inf.maxiter
     if run in kd_aif.PROCEDURES:   # frozen teacher
-        o, every = cfg.objective, max(1, epochs // cfg.student.evaluations)
-        d = Distiller(student, [methods.build(m) for m in ({"name": "ce", "weight": o.ce_weight}, {
-            "name": "kd", "weight": o.kd_weight, "temperature": o.temperature})], tx,
-                      teacher_from_batch=True)
+        every = max(1, epochs // cfg.student.evaluations)
+        d = kd_aif.make_distiller(student, tx, **cfg.objective.to_dict())
         return kd_aif.frozen_teacher_run(
             run, d, lambda: d.init(seed, train.x[:2]), S["data"], S["val"],
             objective=S["objective"], scorer_options=opts, epochs=epochs,

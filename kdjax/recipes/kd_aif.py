@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import losses
+from kdjax import losses, methods
 from kdjax._checks import check_choice, check_positive
 from kdjax.influence import (WEIGHT_MAPPINGS, ggn_vp, hvp, influence_scores,
                              influence_weights)
@@ -76,6 +76,7 @@ from kdjax.train.loop import fit, num_seeds_of
 __all__ = [
     "CURVATURES",
     "distill_losses",
+    "make_distiller",
     "val_losses",
     "student_scores",
     "make_scorer",
@@ -139,6 +140,22 @@ def distill_losses(logits: chex.Array, batch: Mapping[str, Any], *, ce_weight: f
             ce = ce * batch["label_mask"].astype(jnp.float32)
         out = out + ce_weight * ce_scale * ce
     return out
+
+
+def make_distiller(student, tx: optax.GradientTransformation, *, ce_weight: float = 0.1,
+                   kd_weight: float = 0.9, temperature: float = 4.0) -> Distiller:
+    r"""The engine's form of the frozen-teacher objective :func:`distill_losses`.
+
+    A :class:`~kdjax.train.Distiller` of ``student`` with the methods ``ce`` (weight
+    ``alpha = ce_weight``) and ``kd`` (weight ``beta = kd_weight``, temperature ``tau``),
+    the teacher's logits read from ``batch["teacher_logits"]``
+    (``teacher_from_batch=True``). Its loss on a batch with ``weights`` ``w`` is
+    ``(1/B) sum_i w_i l_i`` with ``l_i = alpha m_i CE_i + beta tau^2 KL_i`` (CE over the
+    labelled rows ``m_i = 1`` of the batch), as the procedures here train it.
+    """
+    built = (methods.build({"name": "ce", "weight": ce_weight}),
+             methods.build({"name": "kd", "weight": kd_weight, "temperature": temperature}))
+    return Distiller(student, built, tx, teacher_from_batch=True)
 
 
 def val_losses(logits: chex.Array, batch: Mapping[str, Any]) -> chex.Array:

@@ -9,10 +9,9 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from kdjax import methods, models
+from kdjax import models
 from kdjax.recipes import kd_aif
 from kdjax.influence import influence_weights
-from kdjax.train import Distiller
 
 C, D = 3, 5
 CE_W, KD_W, TAU = 0.3, 0.7, 2.0
@@ -24,10 +23,10 @@ def log_softmax_np(z):
 
 
 def make_distiller(epochs=4, steps=4):
-    built = (methods.build({"name": "ce", "weight": CE_W}),
-             methods.build({"name": "kd", "weight": KD_W, "temperature": TAU}))
-    tx = optax.adam(1e-2)
-    return Distiller(models.create("mlp", C, hidden=(8,)), built, tx, teacher_from_batch=True)
+    """kd_aif.make_distiller (ce + kd from batch logits; its loss is checked against numpy
+    in test_weights_enter_engine_loss_as_mean_of_w_times_l)."""
+    return kd_aif.make_distiller(models.create("mlp", C, hidden=(8,)), optax.adam(1e-2),
+                                 ce_weight=CE_W, kd_weight=KD_W, temperature=TAU)
 
 
 def make_data(n=64, seed=0):
