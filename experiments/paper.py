@@ -35,14 +35,11 @@ CONFIGS = {"shiftkd": "experiments.configs.paper_shiftkd",
            "kd2m": "experiments.configs.paper_kd2m", "coss": "experiments.configs.paper_coss"}
 
 
-def transforms(c):
-    kw = dict(size=c.data.image_size, extras=tuple(c.data.extras))
-    return st.image_transform(train=True, **kw), st.image_transform(train=False, **kw)
-
-
 def streams(c):
     """``(train stream, {name: eval stream})`` for ``c.data.kind``."""
-    d, (t_train, t_eval) = c.data, transforms(c)
+    d, dd = c.data, c.data.data_dir or None
+    t_train, t_eval = (st.image_transform(train=t, size=d.image_size, extras=tuple(d.extras))
+                       for t in (True, False))
     kw = dict(num_workers=d.num_workers)
     if d.kind in ("domainbed", "imagefolder"):
         domains = dbed.list_domains(d.root)
@@ -51,7 +48,7 @@ def streams(c):
             if d.kind == "domainbed" else [d.train_domain]
         full = {}
         for dom in train_domains + held_out:
-            b = dbed.domainbed_builder(d.root, dom, data_dir=d.data_dir or None)
+            b = dbed.domainbed_builder(d.root, dom, data_dir=dd)
             b.download_and_prepare()
             full[dom] = st.Stream(b.as_data_source("train"), len(b.info.features["label"].names),
                                   t_eval, name=dom, **kw)
@@ -65,13 +62,12 @@ def streams(c):
             evals[f"target_{dom}"] = full[dom]
         return st.concatenate(train), evals
     if d.kind == "domainnet":
-        parts = st.domainnet_streams(d.target, t_train, t_eval, data_dir=d.data_dir or None,
-                                     **kw)
+        parts = st.domainnet_streams(d.target, t_train, t_eval, data_dir=dd, **kw)
         return st.concatenate(parts["train"].values()), {
             **{f"val_{k}": v for k, v in parts["val"].items()},
             f"target_{d.target}": parts["test_target"]}
     if d.kind == "celeba_oodbench":
-        b = dbed.celeba_oodbench_builder(d.root, data_dir=d.data_dir or None)
+        b = dbed.celeba_oodbench_builder(d.root, data_dir=dd)
         b.download_and_prepare()
         envs = {e: st.Stream(b.as_data_source(e), 2, t_eval, name=e, **kw)
                 for e in dbed.OODBENCH_CELEBA_ENVS}
@@ -79,9 +75,8 @@ def streams(c):
                                 for e in ("tr_env1", "tr_env2")])
         return train, {"target_te_env": envs["te_env"]}
     if d.kind == "catalog":
-        train = st.catalog_stream(d.name, "train", t_train, data_dir=d.data_dir or None, **kw)
-        return train, {"test": st.catalog_stream(d.name, d.eval_split, t_eval,
-                                                 data_dir=d.data_dir or None, **kw)}
+        return (st.catalog_stream(d.name, "train", t_train, data_dir=dd, **kw),
+                {"test": st.catalog_stream(d.name, d.eval_split, t_eval, data_dir=dd, **kw)})
     raise ValueError(f"data.kind must be domainbed, imagefolder, domainnet, celeba_oodbench "
                      f"or catalog, got {d.kind!r}.")
 
@@ -99,40 +94,38 @@ def network(mc, num_classes, key, example):
     return module, jax.device_get(module.init(key, example, train=False))
 
 
-def train(distiller, variables, stream, sc, mesh, ckpt, teacher_vars=None):
-    """``fit`` on the stream from ``variables``; returns the final state."""
-    state = distiller.init(sc.seed, stream.example()["x"][None], teacher_vars)
+def train(module, built, variables, stream, sc, mesh, ckpt, teacher=None):
+    """``module`` trained with the methods ``built`` (``teacher``: ``(module, variables)``)
+    on the stream from ``variables``, the schedule over ``sc.epochs``: ``(distiller, state)``."""
+    steps = len(stream) // sc.batch_size
+    tx = make_optimizer(sc.optimizer.to_dict(), total_steps=steps * sc.epochs,
+                        steps_per_epoch=steps)
+    t_mod, tv = teacher or (None, None)
+    distiller = Distiller(module, built, tx, teacher=t_mod)
+    state = distiller.init(sc.seed, stream.example()["x"][None], tv)
     params = {**state.params, "student": variables["params"]}
     state = state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
                           opt_state=distiller.tx.init(params))
-    return fit(distiller, state, teacher_vars, stream, epochs=sc.epochs,
-               batch_size=sc.batch_size, mesh=mesh, checkpointer=Checkpointer(ckpt),
-               progress=distributed.is_primary(), desc=ckpt).state
-
-
-def optimizer(sc, steps):
-    return make_optimizer(sc.optimizer.to_dict(), total_steps=steps * sc.epochs,
-                          steps_per_epoch=steps)
+    return distiller, fit(distiller, state, tv, stream, epochs=sc.epochs,
+                          batch_size=sc.batch_size, mesh=mesh, checkpointer=Checkpointer(ckpt),
+                          progress=distributed.is_primary(), desc=ckpt).state
 
 
 def main(c):
     mesh = distributed.global_mesh()
     train_s, evals = streams(c)
-    steps = len(train_s) // c.student.batch_size
     key_t, key_s = jax.random.split(jax.random.PRNGKey(c.seed))
     example = train_s.example()["x"][None]
     t_mod, t_vars = network(c.teacher, train_s.num_classes, key_t, example)
     if c.teacher.epochs:   # fine-tune the ImageNet teacher on the source data (CE)
-        ce = Distiller(t_mod, (methods.build({"name": "ce"}),),
-                       optimizer(c.teacher, len(train_s) // c.teacher.batch_size))
-        t_state = train(ce, t_vars, train_s, c.teacher, mesh, os.path.join(c.out_dir, "teacher"))
+        _, t_state = train(t_mod, (methods.build({"name": "ce"}),), t_vars, train_s, c.teacher,
+                           mesh, os.path.join(c.out_dir, "teacher"))
         t_vars = {"params": distributed.to_host(t_state.params["student"]),
                   "batch_stats": distributed.to_host(t_state.batch_stats)}
     s_mod, s_vars = network(c.student, train_s.num_classes, key_s, example)
-    d = Distiller(s_mod, tuple(methods.build(dict(m)) for m in c.methods),
-                  optimizer(c.student, steps), teacher=t_mod)
     tv = distributed.replicate(t_vars, mesh)
-    state = train(d, s_vars, train_s, c.student, mesh, os.path.join(c.out_dir, "student"), tv)
+    d, state = train(s_mod, tuple(methods.build(dict(m)) for m in c.methods), s_vars, train_s,
+                     c.student, mesh, os.path.join(c.out_dir, "student"), (t_mod, tv))
     row = {"setting": c.name, "methods": [m["name"] for m in c.methods],
            "devices": jax.device_count(), "processes": jax.process_count(),
            "global_batch": c.student.batch_size, **run_metadata()}
