@@ -12,14 +12,24 @@ A method config is an ``ml_collections.ConfigDict`` (or dict) with at least ``na
 ``[student_feature, teacher_feature]`` names, ``temperature``). Unknown option keys are
 an error that lists the valid ones.
 
-Each family registers its methods in its own module (``zoo``, ``kd2m``, ``coss``); this
-module holds the registry and the two basic methods, ``ce`` and ``kd``.
+Calling convention: a method function receives one :class:`Inputs` (adapter params,
+state, student and teacher outputs, batch, rng, models) and one read-only ``options``
+mapping (every option of the method, the traced numbers substituted), and reads only
+what it uses: ``loss(inputs, options) -> (scalar, new_state)``,
+``init(rng, student_out, teacher_out, options) -> (params, state)``.
+:func:`stateless` adapts ``fn(inputs, options) -> scalar``.
+
+Each family registers its methods in its own module (``zoo``, ``kd2m``, ``coss``);
+helpers shared by several families (feature picking, pair resolution, rng splitting,
+adapter-param checks) live in :mod:`kdjax.methods.common`. This module holds the
+registry and the two basic methods, ``ce`` and ``kd``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import functools
+import types
 from typing import Any, Callable, Mapping
 
 import jax
@@ -28,9 +38,41 @@ import numpy as np
 
 from kdjax import losses
 
-__all__ = ["Method", "register", "get", "names", "build", "BuiltMethod"]
+__all__ = ["Method", "Inputs", "register", "get", "names", "build", "BuiltMethod",
+           "stateless"]
 
 _REGISTRY: dict[str, "Method"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a method's ``loss`` (and ``pretrain_loss``) reads besides its options.
+
+    Attributes:
+      params: this method's adapter params (``{}`` when it has none).
+      state: this method's non-trained state (``None`` when it has none).
+      student: the student's ``(logits, features)``.
+      teacher: the teacher's ``(logits, features)``, or ``None`` (teacher-free terms).
+      batch: a dict with ``"x"`` and, for supervised methods, ``"y"``, and optionally
+        ``"weights"`` (per-example sample weights, which a method should honour when
+        its math allows it).
+      rng: a PRNG key for this term and step (may be ``None`` outside the engine).
+      models: ``(student_fn, teacher_fn)`` when the method has ``needs_models``, else
+        ``None`` (see :class:`Method`).
+    """
+
+    params: Any
+    state: Any
+    student: Any
+    teacher: Any
+    batch: Mapping[str, Any]
+    rng: Any = None
+    models: Any = None
+
+    @property
+    def weights(self):
+        """``batch["weights"]`` (per-example sample weights), ``None`` when absent."""
+        return self.batch.get("weights") if isinstance(self.batch, Mapping) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +81,23 @@ class Method:
 
     Attributes:
       name: registry key.
-      loss: ``loss(params, state, student_out, teacher_out, batch, rng, **options)
-        -> (scalar, new_state)``. ``params`` are this method's adapter params (``{}``
-        when it has none); ``batch`` is a dict with ``"x"`` and, for supervised
-        methods, ``"y"``, and optionally ``"weights"`` (per-example sample weights,
-        which a method should honour when its math allows it).
-      init: optional ``init(rng, student_out, teacher_out, **options) -> (params,
+      loss: ``loss(inputs, options) -> (scalar, new_state)``: ``inputs`` an
+        :class:`Inputs`, ``options`` a read-only mapping of all the method's options
+        (the traced numbers substituted); the function reads only what it uses.
+      init: optional ``init(rng, student_out, teacher_out, options) -> (params,
         state)`` creating adapter parameters and state from example outputs (shapes).
       options: the option names and their defaults (the reference defaults).
       default_weight: the reference weight of the loss term.
       needs_labels: whether the loss reads ``batch["y"]``.
       doc: one line for listings.
-      needs_models: when True the engine also passes ``models=(student_fn,
-        teacher_fn)``, two functions ``x -> (logits, features)`` (student with the
+      needs_models: when True ``inputs.models`` is ``(student_fn, teacher_fn)``, two
+        functions ``x -> (logits, features)`` (student with the
         parameters being differentiated and its BatchNorm in eval mode; teacher in eval
         mode with ``stop_gradient`` on its parameters, so input gradients flow), for losses that evaluate the networks at other
         inputs (adversarial distillation, faithfulness penalties).
       pretrain_loss: optional initialisation stage (FT paraphraser, AB, FSP in the
-        reference code): same signature as ``loss``; before distillation the engine
+        reference code): same signature as ``loss`` (called by
+        :meth:`BuiltMethod.pretrain`); before distillation the engine
         minimises it over this method's adapter params only, with the student frozen,
         for ``options["pretrain_epochs"]`` epochs (the option must then exist).
       needs_teacher: False for teacher-free objectives (``ce``, the DG teacher
@@ -130,20 +171,37 @@ class BuiltMethod:
         return {k: v for k, v in self.options.items()
                 if k not in self.method.traced_options}
 
+    def bound_options(self, numbers: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """The read-only options mapping the method functions get; ``numbers``
+        (traced) replace the options of the same name (``weight`` is not an option)."""
+        options = dict(self.options)
+        if numbers:
+            options.update({k: v for k, v in numbers.items() if k != "weight"})
+        return types.MappingProxyType(options)
+
     def init(self, rng, student_out, teacher_out):
+        """``(params, state)`` of the method (``({}, None)`` when it has no ``init``)."""
         if self.method.init is None:
             return {}, None
-        return self.method.init(rng, student_out, teacher_out, **self.options)
+        return self.method.init(rng, student_out, teacher_out, self.bound_options())
+
+    def _inputs(self, params, state, student_out, teacher_out, batch, rng, models):
+        return Inputs(params=params, state=state, student=student_out, teacher=teacher_out,
+                      batch=batch, rng=rng,
+                      models=models if self.method.needs_models else None)
 
     def __call__(self, params, state, student_out, teacher_out, batch, rng, models=None,
                  numbers: Mapping[str, Any] | None = None):
         """The loss term; ``numbers`` (traced) replace the options of the same name."""
-        extra = {"models": models} if self.method.needs_models else {}
-        options = dict(self.options)
-        if numbers:
-            options.update({k: v for k, v in numbers.items() if k != "weight"})
-        return self.method.loss(params, state, student_out, teacher_out, batch, rng,
-                                **extra, **options)
+        inputs = self._inputs(params, state, student_out, teacher_out, batch, rng, models)
+        return self.method.loss(inputs, self.bound_options(numbers))
+
+    def pretrain(self, params, state, student_out, teacher_out, batch, rng, models=None):
+        """The initialisation-stage loss ``pretrain_loss`` with the bound options."""
+        if self.method.pretrain_loss is None:
+            raise ValueError(f"method {self.name!r} has no pretrain_loss.")
+        inputs = self._inputs(params, state, student_out, teacher_out, batch, rng, models)
+        return self.method.pretrain_loss(inputs, self.bound_options())
 
 
 def build(config: Mapping[str, Any]) -> BuiltMethod:
@@ -168,30 +226,30 @@ def build(config: Mapping[str, Any]) -> BuiltMethod:
 
 
 def stateless(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Adapts ``fn(params, student_out, teacher_out, batch, **options) -> scalar``."""
+    """Adapts ``fn(inputs, options) -> scalar`` to ``loss(inputs, options) -> (scalar,
+    inputs.state)`` (the state passes through unchanged)."""
 
-    def loss(params, state, student_out, teacher_out, batch, rng, **options):
-        del rng
-        return fn(params, student_out, teacher_out, batch, **options), state
+    @functools.wraps(fn)
+    def loss(inputs: Inputs, options: Mapping[str, Any]):
+        return fn(inputs, options), inputs.state
 
-    loss.__doc__ = fn.__doc__
-    loss.__signature__ = inspect.signature(fn)
     return loss
 
 
 # --- the two basic methods -------------------------------------------------------------
 
-def _ce(params, student_out, teacher_out, batch, label_smoothing):
+def _ce(inputs, options):
     """CE on the labels (mixed as ``lam CE(y) + (1-lam) CE(y_b)`` when a mixing
     augmentation put ``y_b``/``lam`` in the batch). With ``batch["label_mask"]`` (1 = labelled), the mean is over
     the labelled rows of the batch only (0 when none), so a semi-supervised batch's CE
     has the scale of a fully labelled one."""
-    del params, teacher_out
-    per_example = losses.cross_entropy(student_out[0], batch["y"], weights=batch.get("weights"),
+    batch, logits = inputs.batch, inputs.student[0]
+    label_smoothing = options["label_smoothing"]
+    per_example = losses.cross_entropy(logits, batch["y"], weights=batch.get("weights"),
                                        label_smoothing=label_smoothing, reduction="none")
     if "y_b" in batch:  # mixup / cutmix: lam * CE(y_a) + (1 - lam) * CE(y_b)
         lam = batch["lam"]
-        per_b = losses.cross_entropy(student_out[0], batch["y_b"], weights=batch.get("weights"),
+        per_b = losses.cross_entropy(logits, batch["y_b"], weights=batch.get("weights"),
                                      label_smoothing=label_smoothing, reduction="none")
         per_example = lam * per_example + (1.0 - lam) * per_b
     if "label_mask" not in batch:
@@ -200,10 +258,9 @@ def _ce(params, student_out, teacher_out, batch, label_smoothing):
     return (per_example * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _kd(params, student_out, teacher_out, batch, temperature):
-    del params
-    return losses.kd(student_out[0], jax.lax.stop_gradient(teacher_out[0]), temperature,
-                     weights=batch.get("weights"))
+def _kd(inputs, options):
+    return losses.kd(inputs.student[0], jax.lax.stop_gradient(inputs.teacher[0]),
+                     options["temperature"], weights=inputs.weights)
 
 
 register(Method("ce", stateless(_ce), options={"label_smoothing": 0.0},

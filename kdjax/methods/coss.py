@@ -23,13 +23,12 @@ method state: the loss uses the queue, then enqueues the (global) teacher batch.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import jax
 
 from kdjax import losses
 from kdjax._checks import check_choice
 from kdjax.methods import Method, register
+from kdjax.methods.common import features
 from kdjax.models.projector import Projector
 
 __all__: list[str] = []
@@ -39,13 +38,11 @@ _PROJECTOR_MODES = ("auto", "always", "never")
 
 
 def _pick(out, name: str, who: str, option: str):
-    if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[1], Mapping):
-        raise ValueError(f"{who}_out must be a (logits, features_dict) pair, got "
-                         f"{type(out).__name__}.")
-    if name not in out[1]:
+    feats = features(out, who)
+    if name not in feats:
         raise ValueError(f"unknown {who} feature {name!r} in option {option!r}; available "
-                         f"{who} features: {sorted(out[1])}.")
-    x = out[1][name]
+                         f"{who} features: {sorted(feats)}.")
+    x = feats[name]
     if jax.numpy.ndim(x) != 2:
         raise ValueError(f"{who} feature {name!r} must be an embedding (batch, dim), got "
                          f"shape {jax.numpy.shape(x)}.")
@@ -94,27 +91,32 @@ _COMMON = {"student_feature": "pooled", "teacher_feature": "pooled", "projector"
 
 # --- coss and cosine ------------------------------------------------------------------
 
-def _init_plain(rng, student_out, teacher_out, **o):
+def _init_plain(rng, student_out, teacher_out, o):
     params, bs = _init_projector(rng, student_out, teacher_out, o)
     return params, (None if bs is None else {"batch_stats": bs})
 
 
-def _coss(params, state, student_out, teacher_out, batch, rng, **o):
-    del batch, rng
-    s, t = _embeddings(student_out, teacher_out, o)
-    s, bs = _project(params, None if state is None else state["batch_stats"], s, t, o)
+def _projected(inputs, o):
+    """``(student, teacher, new_state)``: the embeddings, the student's projected, and
+    the state of ``coss``/``cosine`` (the projector's batch stats, or ``None``)."""
+    state = inputs.state
+    s, t = _embeddings(inputs.student, inputs.teacher, o)
+    s, bs = _project(inputs.params, None if state is None else state["batch_stats"], s, t, o)
+    return s, t, (None if bs is None else {"batch_stats": bs})
+
+
+def _coss(inputs, o):
+    s, t, new_state = _projected(inputs, o)
     value = losses.per_group(losses.coss, o["num_groups"])(
         s, t, l0=o["l0"], l1=o["l1"], tau_t=o["tau_t"], tau_s=o["tau_s"])
-    return value, (None if bs is None else {"batch_stats": bs})
+    return value, new_state
 
 
-def _cosine(params, state, student_out, teacher_out, batch, rng, **o):
-    del rng
-    s, t = _embeddings(student_out, teacher_out, o)
-    s, bs = _project(params, None if state is None else state["batch_stats"], s, t, o)
+def _cosine(inputs, o):
+    s, t, new_state = _projected(inputs, o)
     value = losses.cosine_distillation(s, t, o["tau_t"], o["tau_s"],
-                                       weights=batch.get("weights"))
-    return value, (None if bs is None else {"batch_stats": bs})
+                                       weights=inputs.batch.get("weights"))
+    return value, new_state
 
 
 register(Method(
@@ -131,7 +133,7 @@ register(Method(
 
 # --- seed -----------------------------------------------------------------------------
 
-def _init_seed(rng, student_out, teacher_out, **o):
+def _init_seed(rng, student_out, teacher_out, o):
     k_head, k_queue = jax.random.split(rng)
     params, bs = _init_projector(k_head, student_out, teacher_out, o)
     t = _pick(teacher_out, o["teacher_feature"], "teacher", "teacher_feature")
@@ -142,12 +144,12 @@ def _init_seed(rng, student_out, teacher_out, **o):
     return params, state
 
 
-def _seed(params, state, student_out, teacher_out, batch, rng, **o):
-    del rng
-    s, t = _embeddings(student_out, teacher_out, o)
-    s, bs = _project(params, state.get("batch_stats"), s, t, o)
+def _seed(inputs, o):
+    state = inputs.state
+    s, t = _embeddings(inputs.student, inputs.teacher, o)
+    s, bs = _project(inputs.params, state.get("batch_stats"), s, t, o)
     value = losses.seed(s, t, state["queue"], o["tau_t"], o["tau_s"],
-                        weights=batch.get("weights"))
+                        weights=inputs.batch.get("weights"))
     queue, ptr = losses.seed_queue_update(state["queue"], state["ptr"], t)
     new_state = {"queue": queue, "ptr": ptr}
     if bs is not None:

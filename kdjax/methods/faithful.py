@@ -79,15 +79,11 @@ from kdjax import losses
 from kdjax._checks import check_choice
 from kdjax.losses._utils import reduce_per_example
 from kdjax.methods import Method, register
+from kdjax.methods.common import step_init
 
 __all__ = ["current_eps", "resolve_clip"]
 
 _CLIP_CHOICES = ("batch", "none")
-
-
-def _step_init(rng, student_out, teacher_out, **options):
-    del rng, student_out, teacher_out, options
-    return {}, {"step": jnp.zeros((), jnp.int32)}
 
 
 def _validate_schedule(name, eps, ramp_steps, warmup_steps):
@@ -140,81 +136,87 @@ def _models(name, models):
             lambda x: teacher_fn(x)[0].astype(jnp.float32))
 
 
-def _weights(batch):
-    return batch.get("weights") if isinstance(batch, Mapping) else None
-
-
-def _penalty(name, state, batch, rng, models, eps, ramp_steps, warmup_steps, clip,
-             **penalty_kw):
+def _ramped(name, inputs, options):
+    """The radius ``eps_t`` at the method's own step ``inputs.state["step"]`` (the
+    schedule options ``eps``, ``ramp_steps``, ``warmup_steps`` validated)."""
+    eps, ramp_steps, warmup_steps = (options["eps"], options["ramp_steps"],
+                                     options["warmup_steps"])
     _validate_schedule(name, eps, ramp_steps, warmup_steps)
-    s_logits, t_logits = _models(name, models)
-    x = batch["x"]
-    step = state["step"]
-    e = current_eps(step, eps=eps, ramp_steps=ramp_steps, warmup_steps=warmup_steps)
-    value = F.faithful_penalty(t_logits, s_logits, x, eps=e, key=rng,
-                               clip=resolve_clip(clip, x), weights=_weights(batch),
+    return current_eps(inputs.state["step"], eps=eps, ramp_steps=ramp_steps,
+                       warmup_steps=warmup_steps)
+
+
+def _next_state(inputs):
+    return {"step": inputs.state["step"] + 1}
+
+
+def _penalty(name, inputs, options, **penalty_kw):
+    e = _ramped(name, inputs, options)
+    s_logits, t_logits = _models(name, inputs.models)
+    x = inputs.batch["x"]
+    value = F.faithful_penalty(t_logits, s_logits, x, eps=e, key=inputs.rng,
+                               clip=resolve_clip(options["clip"], x), weights=inputs.weights,
                                **penalty_kw)
-    return value, {"step": step + 1}
+    return value, _next_state(inputs)
 
 
-def _faithful_pgd(params, state, student_out, teacher_out, batch, rng, *, models=None,
-                  eps, ramp_steps, warmup_steps, clip, objective, steps, step_size,
-                  restarts):
+def _faithful_pgd(inputs, options):
     """PGD confidence-gap penalty ``obj(x^adv)`` (see the module docstring)."""
-    del params, student_out, teacher_out
+    objective = options["objective"]
     check_choice(objective, "objective", ("gap", "over", "under"))
-    return _penalty("faithful_pgd", state, batch, rng, models, eps, ramp_steps,
-                    warmup_steps, clip, adversarial_weight=1.0, certified_weight=0.0,
-                    objective=objective, steps=steps, step_size=step_size,
-                    restarts=restarts)
+    return _penalty("faithful_pgd", inputs, options, adversarial_weight=1.0,
+                    certified_weight=0.0, objective=objective, steps=options["steps"],
+                    step_size=options["step_size"], restarts=options["restarts"])
 
 
-def _faithful_certified(params, state, student_out, teacher_out, batch, rng, *,
-                        models=None, eps, ramp_steps, warmup_steps, clip, objective,
-                        bound):
+def _faithful_certified(inputs, options):
     """Certified confidence-gap bound penalty (see the module docstring)."""
-    del params, student_out, teacher_out
+    objective, bound = options["objective"], options["bound"]
     check_choice(objective, "objective", ("gap", "over", "under"))
     check_choice(bound, "bound", ("ibp", "crown-ibp"))
-    return _penalty("faithful_certified", state, batch, rng, models, eps, ramp_steps,
-                    warmup_steps, clip, adversarial_weight=0.0, certified_weight=1.0,
-                    objective=objective, bound=bound)
+    return _penalty("faithful_certified", inputs, options, adversarial_weight=0.0,
+                    certified_weight=1.0, objective=objective, bound=bound)
 
 
-def _adversarial_distillation(params, state, student_out, teacher_out, batch, rng, *,
-                              models=None, eps, ramp_steps, warmup_steps, clip,
-                              temperature, steps, step_size):
+def _kl_attack(inputs, options, s_logits, e, temperature):
+    """``(z^T(x), x^adv)``: the teacher's clean logits (no gradient) and the student's
+    PGD inputs ``argmax_{x' in B_e(x)} KL(p^T_tau(x) || p^S_tau(x'))`` (ARD, RSLAD)."""
+    x = inputs.batch["x"]
+    zt = jax.lax.stop_gradient(inputs.teacher[0].astype(jnp.float32))
+    x_adv = F.adversarial_distillation_inputs(zt, s_logits, x, eps=e, key=inputs.rng,
+                                              steps=options["steps"],
+                                              step_size=options["step_size"],
+                                              temperature=temperature,
+                                              clip=resolve_clip(options["clip"], x))
+    return zt, x_adv
+
+
+def _adversarial_distillation(inputs, options):
     """ARD: ``tau^2 KL(p^T(x) || p^S(x^adv))`` (see the module docstring)."""
-    del params, student_out
     name = "adversarial_distillation"
-    _validate_schedule(name, eps, ramp_steps, warmup_steps)
-    s_logits, _ = _models(name, models)
-    x = batch["x"]
-    step = state["step"]
-    e = current_eps(step, eps=eps, ramp_steps=ramp_steps, warmup_steps=warmup_steps)
-    zt = jax.lax.stop_gradient(teacher_out[0].astype(jnp.float32))
-    x_adv = F.adversarial_distillation_inputs(zt, s_logits, x, eps=e, key=rng, steps=steps,
-                                              step_size=step_size, temperature=temperature,
-                                              clip=resolve_clip(clip, x))
-    value = losses.kd(s_logits(x_adv), zt, temperature, weights=_weights(batch))
-    return value, {"step": step + 1}
+    e = _ramped(name, inputs, options)
+    s_logits, _ = _models(name, inputs.models)
+    temperature = options["temperature"]
+    zt, x_adv = _kl_attack(inputs, options, s_logits, e, temperature)
+    value = losses.kd(s_logits(x_adv), zt, temperature, weights=inputs.weights)
+    return value, _next_state(inputs)
 
 
 _COMMON = {"eps": 0.1, "ramp_steps": 0, "warmup_steps": 0, "clip": "batch"}
 
 register(Method(
-    "faithful_pgd", _faithful_pgd, init=_step_init, needs_models=True,
+    "faithful_pgd", _faithful_pgd, init=step_init, needs_models=True,
     options={**_COMMON, "objective": "gap", "steps": 10, "step_size": None,
              "restarts": 1},
     default_weight=1.0,
     doc="faithful KD: lambda * PGD confidence gap |p^S_y - p^T_y| at x_adv in the eps-ball"))
 register(Method(
-    "faithful_certified", _faithful_certified, init=_step_init, needs_models=True,
+    "faithful_certified", _faithful_certified, init=step_init, needs_models=True,
     options={**_COMMON, "ramp_steps": 1000, "objective": "gap", "bound": "ibp"},
     default_weight=1.0,
     doc="faithful KD: mu * certified (IBP / CROWN-IBP) upper bound on the gap, eps ramp"))
 register(Method(
-    "adversarial_distillation", _adversarial_distillation, init=_step_init,
+    "adversarial_distillation", _adversarial_distillation, init=step_init,
     needs_models=True,
     options={**_COMMON, "temperature": 4.0, "steps": 10, "step_size": None},
     default_weight=1.0,
@@ -231,85 +233,73 @@ def _labels(name, batch):
     return batch["y"]
 
 
-def _ramped(name, state, eps, ramp_steps, warmup_steps):
-    _validate_schedule(name, eps, ramp_steps, warmup_steps)
-    return current_eps(state["step"], eps=eps, ramp_steps=ramp_steps,
-                       warmup_steps=warmup_steps)
-
-
-def _pgd_at(params, state, student_out, teacher_out, batch, rng, *, models=None, eps,
-            ramp_steps, warmup_steps, clip, steps, step_size, restarts, clean_weight):
+def _pgd_at(inputs, options):
     """Madry PGD adversarial training (see the module docstring)."""
-    del params, teacher_out
     name = "pgd_at"
-    s_logits, _ = _models(name, models)
-    x, y = batch["x"], _labels(name, batch)
-    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
+    s_logits, _ = _models(name, inputs.models)
+    x, y = inputs.batch["x"], _labels(name, inputs.batch)
+    e = _ramped(name, inputs, options)
+    clean_weight = options["clean_weight"]
     ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y)  # noqa: E731
-    _, x_adv = F.pgd_maximize(lambda xp: ce(s_logits(xp)), x, eps=e, key=rng, steps=steps,
-                              step_size=step_size, restarts=restarts,
-                              clip=resolve_clip(clip, x))
+    _, x_adv = F.pgd_maximize(lambda xp: ce(s_logits(xp)), x, eps=e, key=inputs.rng,
+                              steps=options["steps"], step_size=options["step_size"],
+                              restarts=options["restarts"],
+                              clip=resolve_clip(options["clip"], x))
     per = (1.0 - clean_weight) * ce(s_logits(jax.lax.stop_gradient(x_adv)))
-    per = per + clean_weight * ce(student_out[0].astype(jnp.float32))
-    return reduce_per_example(per, _weights(batch), "mean"), {"step": state["step"] + 1}
+    per = per + clean_weight * ce(inputs.student[0].astype(jnp.float32))
+    return reduce_per_example(per, inputs.weights, "mean"), _next_state(inputs)
 
 
-def _certified_training(params, state, student_out, teacher_out, batch, rng, *,
-                        models=None, eps, ramp_steps, warmup_steps, clip, bound, kappa):
+def _certified_training(inputs, options):
     """IBP / CROWN-IBP certified training (see the module docstring)."""
-    del params, teacher_out, rng
     name = "certified_training"
+    bound, kappa, eps = options["bound"], options["kappa"], options["eps"]
     check_choice(bound, "bound", ("ibp", "crown-ibp"))
     if not 0.0 <= float(kappa) <= 1.0:
         raise ValueError(f"method {name!r}: option kappa must be in [0, 1], got {kappa!r}.")
-    s_logits, _ = _models(name, models)
-    x, y = batch["x"], _labels(name, batch)
-    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
+    s_logits, _ = _models(name, inputs.models)
+    x, y = inputs.batch["x"], _labels(name, inputs.batch)
+    e = _ramped(name, inputs, options)
     frac = e / eps if eps > 0 else jnp.float32(1.0)
     k = 1.0 - (1.0 - kappa) * frac          # kappa ramps 1 -> kappa with eps
     z_hat = F.worst_case_logits(s_logits, x, y, eps=e, method=bound,
-                                clip=resolve_clip(clip, x))
+                                clip=resolve_clip(options["clip"], x))
     ce = optax.softmax_cross_entropy_with_integer_labels
-    per = k * ce(student_out[0].astype(jnp.float32), y) + (1.0 - k) * ce(z_hat, y)
-    return reduce_per_example(per, _weights(batch), "mean"), {"step": state["step"] + 1}
+    per = k * ce(inputs.student[0].astype(jnp.float32), y) + (1.0 - k) * ce(z_hat, y)
+    return reduce_per_example(per, inputs.weights, "mean"), _next_state(inputs)
 
 
-def _rslad(params, state, student_out, teacher_out, batch, rng, *, models=None, eps,
-           ramp_steps, warmup_steps, clip, steps, step_size, adv_weight):
+def _rslad(inputs, options):
     """RSLAD (see the module docstring)."""
-    del params
     name = "rslad"
+    adv_weight = options["adv_weight"]
     if not 0.0 <= float(adv_weight) <= 1.0:
         raise ValueError(f"method {name!r}: option adv_weight must be in [0, 1], got "
                          f"{adv_weight!r}.")
-    s_logits, _ = _models(name, models)
-    x = batch["x"]
-    e = _ramped(name, state, eps, ramp_steps, warmup_steps)
-    zt = jax.lax.stop_gradient(teacher_out[0].astype(jnp.float32))
-    x_adv = F.adversarial_distillation_inputs(zt, s_logits, x, eps=e, key=rng, steps=steps,
-                                              step_size=step_size, temperature=1.0,
-                                              clip=resolve_clip(clip, x))
-    w = _weights(batch)
-    value = ((1.0 - adv_weight) * losses.kd(student_out[0].astype(jnp.float32), zt, 1.0,
+    s_logits, _ = _models(name, inputs.models)
+    e = _ramped(name, inputs, options)
+    zt, x_adv = _kl_attack(inputs, options, s_logits, e, 1.0)
+    w = inputs.weights
+    value = ((1.0 - adv_weight) * losses.kd(inputs.student[0].astype(jnp.float32), zt, 1.0,
                                             weights=w)
              + adv_weight * losses.kd(s_logits(x_adv), zt, 1.0, weights=w))
-    return value, {"step": state["step"] + 1}
+    return value, _next_state(inputs)
 
 
 register(Method(
-    "pgd_at", _pgd_at, init=_step_init, needs_models=True, needs_labels=True,
+    "pgd_at", _pgd_at, init=step_init, needs_models=True, needs_labels=True,
     needs_teacher=False,
     options={**_COMMON, "steps": 7, "step_size": None, "restarts": 1, "clean_weight": 0.0},
     default_weight=1.0,
     doc="robust teacher: Madry PGD adversarial training, CE at x_adv = argmax CE"))
 register(Method(
-    "certified_training", _certified_training, init=_step_init, needs_models=True,
+    "certified_training", _certified_training, init=step_init, needs_models=True,
     needs_labels=True, needs_teacher=False,
     options={**_COMMON, "ramp_steps": 1000, "bound": "ibp", "kappa": 0.5},
     default_weight=1.0,
     doc="robust teacher: IBP / CROWN-IBP certified training, kappa CE + (1-kappa) CE_worst"))
 register(Method(
-    "rslad", _rslad, init=_step_init, needs_models=True,
+    "rslad", _rslad, init=step_init, needs_models=True,
     options={**_COMMON, "steps": 10, "step_size": None, "adv_weight": 5.0 / 6.0},
     default_weight=1.0,
     doc="RSLAD: (1-a) KL(p_T(x)||p_S(x)) + a KL(p_T(x)||p_S(x_adv)), a = 5/6, T = 1"))

@@ -28,10 +28,13 @@ import jax.numpy as jnp
 from kdjax import losses
 from kdjax._checks import check_choice
 from kdjax.methods import Method, register
+from kdjax.methods.common import check_feature_pair
 
-__all__: list[str] = []
+__all__ = ["COMMON_OPTIONS", "KD2M_WEIGHT", "make_loss"]
 
-_COMMON = {"features": ("pooled", "pooled"), "conditional": False, "weighting": "sum"}
+#: The options every KD2M distance method has (see the module docstring).
+COMMON_OPTIONS = {"features": ("pooled", "pooled"), "conditional": False, "weighting": "sum"}
+#: The reference weight of a KD2M term (authors' setting).
 KD2M_WEIGHT = 1e-4
 
 
@@ -45,22 +48,26 @@ def _feature(out, name, who):
 
 
 def _pair(student_out, teacher_out, features):
-    if not isinstance(features, (list, tuple)) or len(features) != 2:
-        raise ValueError("features must be a [student_feature, teacher_feature] pair, "
-                         f"got {features!r}.")
+    check_feature_pair(features)
     x = _feature(student_out, features[0], "student")
     y = jax.lax.stop_gradient(_feature(teacher_out, features[1], "teacher"))
     return x, y
 
 
-def _make_loss(distance, uses_rng=False):
-    """loss(params, state, s_out, t_out, batch, rng, features, conditional, weighting, **kw)."""
+def make_loss(distance, uses_rng=False):
+    """A KD2M method ``loss(inputs, options) -> (value, state)`` for ``distance(x, y, a,
+    b, **kw)``: ``x``/``y`` the flattened student/teacher features named by the
+    ``features`` option, ``a = b = inputs.weights``; ``conditional`` and ``weighting``
+    as in the module docstring; every other option is passed to ``distance`` as a
+    keyword (and the step rng as ``key`` when ``uses_rng``)."""
 
-    def loss(params, state, student_out, teacher_out, batch, rng, *, features, conditional,
-             weighting, **kwargs):
-        del params
+    def loss(inputs, options):
+        features, conditional = options["features"], options["conditional"]
+        weighting = options["weighting"]
+        kwargs = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
         check_choice(weighting, "weighting", ("sum", "frequency"))
-        x, y = _pair(student_out, teacher_out, features)
+        student_out, batch, rng = inputs.student, inputs.batch, inputs.rng
+        x, y = _pair(student_out, inputs.teacher, features)
         if uses_rng:
             if rng is None:
                 raise ValueError("this method needs an rng key (random projections), got None.")
@@ -75,29 +82,30 @@ def _make_loss(distance, uses_rng=False):
                                        weighting=weighting, **kwargs)
         else:
             value = distance(x, y, w, w, **kwargs)
-        return value, state
+        return value, inputs.state
 
     return loss
 
 
-def _joint_loss(params, state, student_out, teacher_out, batch, rng, *, features, beta,
-                label_cost, feature_scale):
-    del params, rng
-    x, y = _pair(student_out, teacher_out, features)
-    w = batch.get("weights")
+def _joint_loss(inputs, options):
+    student_out, teacher_out = inputs.student, inputs.teacher
+    x, y = _pair(student_out, teacher_out, options["features"])
+    w = inputs.batch.get("weights")
     value = losses.joint_ot(x, y, student_out[0], jax.lax.stop_gradient(teacher_out[0]),
-                            w, w, beta=beta, label_cost=label_cost,
-                            feature_scale=feature_scale)
-    return value, state
+                            w, w, beta=options["beta"], label_cost=options["label_cost"],
+                            feature_scale=options["feature_scale"])
+    return value, inputs.state
 
 
 def _feature_mse(x, y, a=None, b=None):
-    r"""Identity-coupling cost :math:`\sum_i a_i \|x_i - y_i\|^2 \ge W_2^2` (needs n == m)."""
+    r"""Identity-coupling cost :math:`\sum_i a_i \|x_i - y_i\|^2 \ge W_2^2` (needs n == m).
+
+    ``b`` is not read: same batch, so the coupling is the identity with the student's
+    weights ``a``."""
     if x.shape != y.shape:
         raise ValueError(f"kd2m_feature_mse pairs example i of the student with example i "
                          f"of the teacher: x and y must have the same shape, got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}.")
-    del b  # same batch: the coupling is the identity with the student's weights
     n = x.shape[0]
     w = jnp.full((n,), 1.0 / n) if a is None else a / jnp.maximum(jnp.sum(a), 1e-12)
     d = x.astype(jnp.float32) - y.astype(jnp.float32)
@@ -127,7 +135,8 @@ _SPECS = [
 ]
 
 for _name, _dist, _opts, _rng, _doc in _SPECS:
-    register(Method(_name, _make_loss(_dist, uses_rng=_rng), options={**_COMMON, **_opts},
+    register(Method(_name, make_loss(_dist, uses_rng=_rng),
+                    options={**COMMON_OPTIONS, **_opts},
                     default_weight=KD2M_WEIGHT, needs_labels=False, doc=_doc))
 
 register(Method("kd2m_joint_ot", _joint_loss,

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from kdjax import losses
 from kdjax.losses import robust as R
 from kdjax.methods import Method, register, stateless
+from kdjax.methods.common import step_init
 
 __all__ = ["NAMES", "ALGORITHMS"]
 
@@ -51,46 +52,39 @@ def _per_example_ce(student_out, batch):
     return losses.cross_entropy(student_out[0], batch["y"], reduction="none")
 
 
-def _groupdro_init(rng, student_out, teacher_out, *, num_partitions, **_):
-    del rng, student_out, teacher_out
-    return {}, {"q": jnp.full((int(num_partitions),), 1.0 / int(num_partitions),
-                              jnp.float32)}
+def _groupdro_init(rng, student_out, teacher_out, options):
+    num_partitions = int(options["num_partitions"])
+    return {}, {"q": jnp.full((num_partitions,), 1.0 / num_partitions, jnp.float32)}
 
 
-def _groupdro(params, state, student_out, teacher_out, batch, rng, *, partition,
-              num_partitions, eta):
-    del params, teacher_out, rng
-    part = _partition(batch, partition, num_partitions)
-    loss, q = R.groupdro_loss(_per_example_ce(student_out, batch), part, state["q"],
-                              num_partitions, eta)
+def _groupdro(inputs, options):
+    num_partitions, batch = options["num_partitions"], inputs.batch
+    part = _partition(batch, options["partition"], num_partitions)
+    loss, q = R.groupdro_loss(_per_example_ce(inputs.student, batch), part,
+                              inputs.state["q"], num_partitions, options["eta"])
     return loss, {"q": q}
 
 
-def _vrex_init(rng, student_out, teacher_out, **_):
-    del rng, student_out, teacher_out
-    return {}, {"step": jnp.zeros((), jnp.int32)}
+def _vrex(inputs, options):
+    num_partitions, batch = options["num_partitions"], inputs.batch
+    part = _partition(batch, options["partition"], num_partitions)
+    step = inputs.state["step"]
+    lam = jnp.where(step >= options["anneal_steps"], options["penalty_weight"], 1.0)
+    loss = R.vrex_loss(_per_example_ce(inputs.student, batch), part, num_partitions, lam)
+    return loss, {"step": step + 1}
 
 
-def _vrex(params, state, student_out, teacher_out, batch, rng, *, partition,
-          num_partitions, penalty_weight, anneal_steps):
-    del params, teacher_out, rng
-    part = _partition(batch, partition, num_partitions)
-    lam = jnp.where(state["step"] >= anneal_steps, penalty_weight, 1.0)
-    loss = R.vrex_loss(_per_example_ce(student_out, batch), part, num_partitions, lam)
-    return loss, {"step": state["step"] + 1}
-
-
-def _coral(params, student_out, teacher_out, batch, *, partition, num_partitions, gamma,
-           features):
-    del params, teacher_out
-    part = _partition(batch, partition, num_partitions)
-    feats = student_out[1]
+def _coral(inputs, options):
+    num_partitions, batch = options["num_partitions"], inputs.batch
+    part = _partition(batch, options["partition"], num_partitions)
+    features = options["features"]
+    feats = inputs.student[1]
     if features not in feats:
         raise ValueError(f"option features={features!r} is not a feature of the network; "
                          f"available: {sorted(feats)}.")
     f = feats[features].reshape(feats[features].shape[0], -1)
-    return R.coral_loss(_per_example_ce(student_out, batch), f, part, num_partitions,
-                        gamma)
+    return R.coral_loss(_per_example_ce(inputs.student, batch), f, part, num_partitions,
+                        options["gamma"])
 
 
 _COMMON = {"partition": "env", "num_partitions": 0}
@@ -98,7 +92,7 @@ register(Method("groupdro", _groupdro, init=_groupdro_init,
                 options={**_COMMON, "eta": 1e-2}, default_weight=1.0, needs_labels=True,
                 needs_teacher=False,
                 doc="Group DRO over batch[partition] (Sagawa et al. 2020; DomainBed)"))
-register(Method("vrex", _vrex, init=_vrex_init,
+register(Method("vrex", _vrex, init=step_init,
                 options={**_COMMON, "penalty_weight": 10.0, "anneal_steps": 500},
                 default_weight=1.0, needs_labels=True, needs_teacher=False,
                 doc="V-REx: mean + lambda Var of per-partition risks (Krueger 2021)"))

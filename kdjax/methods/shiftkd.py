@@ -30,8 +30,9 @@ import jax
 
 from kdjax import losses
 from kdjax.methods import Method, register, stateless
-from kdjax.methods.kd2m import _COMMON, KD2M_WEIGHT, _make_loss
-from kdjax.methods.zoo import _check_params, _pick, _split, _weights, resolve_pairs
+from kdjax.methods.common import (check_feature_pair, check_params, pick, resolve_pairs,
+                                  split_rng)
+from kdjax.methods.kd2m import COMMON_OPTIONS, KD2M_WEIGHT, make_loss
 from kdjax.models import adapters
 
 __all__: list[str] = []
@@ -41,12 +42,12 @@ _sg = jax.lax.stop_gradient
 
 # --- MLKD ------------------------------------------------------------------------------
 
-def _mlkd(params, s_out, t_out, batch, temperatures, instance_weight, batch_weight,
-          class_weight):
-    del params
-    return losses.mlkd(s_out[0], _sg(t_out[0]), tuple(temperatures),
-                       instance_weight=instance_weight, batch_weight=batch_weight,
-                       class_weight=class_weight, weights=_weights(batch))
+def _mlkd(inputs, options):
+    return losses.mlkd(inputs.student[0], _sg(inputs.teacher[0]),
+                       tuple(options["temperatures"]),
+                       instance_weight=options["instance_weight"],
+                       batch_weight=options["batch_weight"],
+                       class_weight=options["class_weight"], weights=inputs.weights)
 
 
 register(Method("mlkd", stateless(_mlkd),
@@ -61,7 +62,7 @@ register(Method("mlkd", stateless(_mlkd),
 def _levels(pairs, s_out, t_out):
     """``[(student_map, teacher_map)]`` from shallow to deep."""
     names = resolve_pairs(pairs, s_out, t_out, "all")
-    return [(_pick(s_out, sn, "student"), _sg(_pick(t_out, tn, "teacher")))
+    return [(pick(s_out, sn, "student"), _sg(pick(t_out, tn, "teacher")))
             for sn, tn in names]
 
 
@@ -78,18 +79,17 @@ def _review(params, levels, mods):
     residual = None
     for k in reversed(range(len(levels))):
         fs, ft = levels[k]
-        _check_params(params, f"abf{k}", "reviewkd")
+        check_params(params, f"abf{k}", "reviewkd")
         outs[k], residual = mods[k].apply({"params": params[f"abf{k}"]}, fs, residual,
                                           ft.shape[1:-1])
     return outs
 
 
-def _reviewkd_init(rng, s_out, t_out, pairs, mid_features, levels):
-    del levels
-    lv = _levels(pairs, s_out, t_out)
-    mods = _abfs(lv, mid_features)
+def _reviewkd_init(rng, s_out, t_out, options):
+    lv = _levels(options["pairs"], s_out, t_out)
+    mods = _abfs(lv, options["mid_features"])
     params, residual = {}, None
-    for k, r in zip(reversed(range(len(lv))), _split(rng, len(lv))):
+    for k, r in zip(reversed(range(len(lv))), split_rng(rng, len(lv))):
         fs, ft = lv[k]
         variables = mods[k].init(r, fs, residual, ft.shape[1:-1])
         params[f"abf{k}"] = variables["params"]
@@ -97,10 +97,11 @@ def _reviewkd_init(rng, s_out, t_out, pairs, mid_features, levels):
     return params, None
 
 
-def _reviewkd(params, s_out, t_out, batch, pairs, mid_features, levels):
-    lv = _levels(pairs, s_out, t_out)
-    outs = _review(params, lv, _abfs(lv, mid_features))
-    return losses.hcl(outs, [ft for _, ft in lv], tuple(levels), weights=_weights(batch))
+def _reviewkd(inputs, options):
+    lv = _levels(options["pairs"], inputs.student, inputs.teacher)
+    outs = _review(inputs.params, lv, _abfs(lv, options["mid_features"]))
+    return losses.hcl(outs, [ft for _, ft in lv], tuple(options["levels"]),
+                      weights=inputs.weights)
 
 
 register(Method("reviewkd", stateless(_reviewkd), init=_reviewkd_init,
@@ -111,8 +112,8 @@ register(Method("reviewkd", stateless(_reviewkd), init=_reviewkd_init,
 
 # --- KD2M Gromov-Wasserstein -------------------------------------------------------------
 
-register(Method("kd2m_gromov_wasserstein", _make_loss(losses.gromov_wasserstein),
-                options={**_COMMON, "epsilon": 3e-3, "max_iterations": 50},
+register(Method("kd2m_gromov_wasserstein", make_loss(losses.gromov_wasserstein),
+                options={**COMMON_OPTIONS, "epsilon": 3e-3, "max_iterations": 50},
                 default_weight=KD2M_WEIGHT, needs_labels=False,
                 doc="KD2M Gromov-Wasserstein (ott-jax entropic GW plan, exact objective)"))
 
@@ -120,27 +121,25 @@ register(Method("kd2m_gromov_wasserstein", _make_loss(losses.gromov_wasserstein)
 # --- DisCo ---------------------------------------------------------------------------------
 
 def _embeddings(s_out, t_out, features):
-    if not isinstance(features, (list, tuple)) or len(features) != 2:
-        raise ValueError("features must be a [student_feature, teacher_feature] pair, "
-                         f"got {features!r}.")
-    s = _pick(s_out, features[0], "student")
-    t = _sg(_pick(t_out, features[1], "teacher"))
+    check_feature_pair(features)
+    s = pick(s_out, features[0], "student")
+    t = _sg(pick(t_out, features[1], "teacher"))
     return s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
 
 
-def _disco_init(rng, s_out, t_out, features, normalize_teacher):
-    del normalize_teacher
-    s, t = _embeddings(s_out, t_out, features)
+def _disco_init(rng, s_out, t_out, options):
+    s, t = _embeddings(s_out, t_out, options["features"])
     if s.shape[-1] == t.shape[-1]:
         return {}, None
     return {"head": adapters.Pointwise(t.shape[-1]).init(rng, s)["params"]}, None
 
 
-def _disco(params, s_out, t_out, batch, features, normalize_teacher):
-    s, t = _embeddings(s_out, t_out, features)
-    if "head" in params:
-        s = adapters.Pointwise(t.shape[-1]).apply({"params": params["head"]}, s)
-    return losses.disco(s, t, normalize_teacher=normalize_teacher, weights=_weights(batch))
+def _disco(inputs, options):
+    s, t = _embeddings(inputs.student, inputs.teacher, options["features"])
+    if "head" in inputs.params:
+        s = adapters.Pointwise(t.shape[-1]).apply({"params": inputs.params["head"]}, s)
+    return losses.disco(s, t, normalize_teacher=options["normalize_teacher"],
+                        weights=inputs.weights)
 
 
 register(Method("disco", stateless(_disco), init=_disco_init,

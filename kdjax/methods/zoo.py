@@ -27,7 +27,7 @@ method then keeps its own step counter in its state and scales its loss by
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,74 +35,12 @@ import jax.numpy as jnp
 from kdjax import losses
 from kdjax.losses.feature import match_spatial
 from kdjax.methods import Method, register, stateless
+from kdjax.methods.common import check_params, pair_features, resolve_pairs, split_rng
 from kdjax.models import adapters
 
 __all__ = ["resolve_pairs", "NAMES"]
 
 _sg = jax.lax.stop_gradient
-
-
-def _features(out, who: str) -> Mapping[str, Any]:
-    if not isinstance(out, (tuple, list)) or len(out) != 2 or not isinstance(out[1], Mapping):
-        raise ValueError(f"{who}_out must be a (logits, features_dict) pair, got "
-                         f"{type(out).__name__}.")
-    return out[1]
-
-
-def _pick(out, name: str, who: str):
-    feats = _features(out, who)
-    if name not in feats:
-        raise ValueError(f"unknown {who} feature {name!r} in 'pairs'; available {who} "
-                         f"features: {sorted(feats)}.")
-    return feats[name]
-
-
-def resolve_pairs(pairs, student_out, teacher_out, default: str) -> list[tuple[str, str]]:
-    """Validates ``pairs`` against the outputs' feature names, or picks the default.
-
-    ``default`` is ``"all"``, ``"last"`` or ``"pooled"`` (see the module docstring).
-    An unknown name raises ``ValueError`` listing the available feature names.
-    """
-    if pairs is None:
-        fs, ft = _features(student_out, "student"), _features(teacher_out, "teacher")
-        spatial = sorted(n for n in fs if n in ft and n != "pooled"
-                         and jnp.ndim(fs[n]) in (3, 4) and jnp.ndim(ft[n]) in (3, 4))
-        if default == "all" and spatial:
-            return [(n, n) for n in spatial]
-        if default == "last" and spatial:
-            return [(spatial[-1], spatial[-1])]
-        if default == "all":
-            raise ValueError(
-                "no common spatial features ([B, L, C] or [B, H, W, C]) in student and "
-                f"teacher outputs: student has {sorted(fs)}, teacher has {sorted(ft)}; "
-                "set 'pairs'.")
-        pairs = [["pooled", "pooled"]]
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
-        raise ValueError(f"pairs must be a non-empty list of [student_feature, "
-                         f"teacher_feature], got {pairs!r}.")
-    out = []
-    for p in pairs:
-        if isinstance(p, (str, bytes)) or len(p) != 2:
-            raise ValueError(f"each entry of pairs must be [student_feature, "
-                             f"teacher_feature], got {p!r}.")
-        _pick(student_out, p[0], "student")
-        _pick(teacher_out, p[1], "teacher")
-        out.append((str(p[0]), str(p[1])))
-    return out
-
-
-def _weights(batch):
-    return batch.get("weights") if isinstance(batch, Mapping) else None
-
-
-def _pair_iter(pairs, student_out, teacher_out, default):
-    for k, (sn, tn) in enumerate(resolve_pairs(pairs, student_out, teacher_out, default)):
-        yield f"pair{k}", _pick(student_out, sn, "student"), _sg(_pick(teacher_out, tn,
-                                                                         "teacher"))
-
-
-def _split(rng, n):
-    return list(jax.random.split(rng, max(n, 1)))
 
 
 # --- logit methods ------------------------------------------------------------------
@@ -112,24 +50,24 @@ def _check_warmup(warmup_steps):
         raise ValueError(f"dkd: warmup_steps must be an int >= 0, got {warmup_steps!r}.")
 
 
-def _dkd_init(rng, s_out, t_out, alpha, beta, temperature, standardize, warmup_steps):
+def _dkd_init(rng, s_out, t_out, options):
     """State: the step counter of the warm-up (``None`` without warm-up)."""
-    del rng, s_out, t_out, alpha, beta, temperature, standardize
+    warmup_steps = options["warmup_steps"]
     _check_warmup(warmup_steps)
     return {}, ({"step": jnp.zeros((), jnp.int32)} if warmup_steps else None)
 
 
-def _dkd(params, state, s_out, t_out, batch, rng, alpha, beta, temperature, standardize,
-         warmup_steps):
+def _dkd(inputs, options):
     """DKD; with ``warmup_steps > 0`` the loss is scaled by ``min((t + 1) / warmup_steps,
     1)`` at the method's own step ``t`` (0-based, counted in its state), mdistiller's
     linear warm-up ``min(epoch / warmup, 1)`` (epochs from 1, 20 epochs) per step:
     set ``warmup_steps = 20 * steps_per_epoch`` for the reference schedule. The term
     reported by the engine is the scaled value."""
-    del params, rng
+    warmup_steps, state = options["warmup_steps"], inputs.state
     _check_warmup(warmup_steps)
-    loss = losses.dkd(s_out[0], _sg(t_out[0]), batch["y"], alpha, beta, temperature,
-                      weights=_weights(batch), standardize=standardize)
+    loss = losses.dkd(inputs.student[0], _sg(inputs.teacher[0]), inputs.batch["y"],
+                      options["alpha"], options["beta"], options["temperature"],
+                      weights=inputs.weights, standardize=options["standardize"])
     if not warmup_steps:
         return loss, state
     if not isinstance(state, Mapping) or "step" not in state:
@@ -140,179 +78,182 @@ def _dkd(params, state, s_out, t_out, batch, rng, alpha, beta, temperature, stan
     return scale * loss, {"step": step + 1}
 
 
-def _kd_ls(params, s_out, t_out, batch, temperature):
-    del params
-    return losses.kd(s_out[0], _sg(t_out[0]), temperature, weights=_weights(batch),
-                     standardize=True)
+def _kd_ls(inputs, options):
+    return losses.kd(inputs.student[0], _sg(inputs.teacher[0]), options["temperature"],
+                     weights=inputs.weights, standardize=True)
 
 
-def _dist(params, s_out, t_out, batch, beta, gamma, temperature):
-    del params, batch
-    return losses.dist(s_out[0], _sg(t_out[0]), beta, gamma, temperature)
+def _dist(inputs, options):
+    return losses.dist(inputs.student[0], _sg(inputs.teacher[0]), options["beta"],
+                       options["gamma"], options["temperature"])
+
+
+def _pairs(inputs, options, default):
+    """:func:`~kdjax.methods.common.pair_features` of the inputs' outputs."""
+    return pair_features(options["pairs"], inputs.student, inputs.teacher, default)
+
+
+def _init_pairs(rng, s_out, t_out, options, default, make):
+    """``{key: make(rng, fs, ft)}`` over the resolved pairs (one key split each)."""
+    items = pair_features(options["pairs"], s_out, t_out, default)
+    return {key: make(r, fs, ft) for (key, fs, ft), r in zip(items, split_rng(rng, 64))}
 
 
 # --- FitNet ---------------------------------------------------------------------------
 
-def _fitnet_init(rng, s_out, t_out, pairs):
-    params = {}
-    for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "last"),
-                                _split(rng, 64)):
-        params[key] = adapters.Regressor(ft.shape[-1]).init(r, fs)["params"]
-    return params, None
+def _fitnet_init(rng, s_out, t_out, options):
+    def make(r, fs, ft):
+        return adapters.Regressor(ft.shape[-1]).init(r, fs)["params"]
+
+    return _init_pairs(rng, s_out, t_out, options, "last", make), None
 
 
-def _fitnet(params, s_out, t_out, batch, pairs):
-    total = 0.0
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "last"):
-        _check_params(params, key, "fitnet")
+def _fitnet(inputs, options):
+    params, total = inputs.params, 0.0
+    for key, fs, ft in _pairs(inputs, options, "last"):
+        check_params(params, key, "fitnet")
         reg = adapters.Regressor(ft.shape[-1]).apply({"params": params[key]}, fs)
         reg, ft = match_spatial(reg, ft)
-        total = total + losses.fitnet(reg, ft, weights=_weights(batch))
+        total = total + losses.fitnet(reg, ft, weights=inputs.weights)
     return total
-
-
-def _check_params(params, key, method):
-    if key not in params:
-        raise ValueError(f"{method}: adapter params for {key!r} missing (got keys "
-                         f"{sorted(params)}); call init with the same 'pairs'.")
 
 
 # --- AT, NST, SP ----------------------------------------------------------------------
 
-def _at(params, s_out, t_out, batch, pairs, p):
-    del params
-    return sum(losses.attention_transfer(fs, ft, p, weights=_weights(batch))
-               for _, fs, ft in _pair_iter(pairs, s_out, t_out, "all"))
+def _at(inputs, options):
+    return sum(losses.attention_transfer(fs, ft, options["p"], weights=inputs.weights)
+               for _, fs, ft in _pairs(inputs, options, "all"))
 
 
-def _nst(params, s_out, t_out, batch, pairs):
-    del params
-    return sum(losses.nst(fs, ft, weights=_weights(batch))
-               for _, fs, ft in _pair_iter(pairs, s_out, t_out, "all"))
+def _nst(inputs, options):
+    return sum(losses.nst(fs, ft, weights=inputs.weights)
+               for _, fs, ft in _pairs(inputs, options, "all"))
 
 
-def _sp(params, s_out, t_out, batch, pairs):
-    del params, batch
+def _sp(inputs, options):
     return sum(losses.similarity_preserving(fs, ft)
-               for _, fs, ft in _pair_iter(pairs, s_out, t_out, "last"))
+               for _, fs, ft in _pairs(inputs, options, "last"))
 
 
 # --- embedding-head methods: CC, CRD --------------------------------------------------
 
-def _embed_init(rng, s_out, t_out, pairs, dim):
-    params = {}
-    for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "pooled"), _split(rng, 64)):
+def _embed_init(rng, s_out, t_out, options):
+    dim = options["dim"]
+
+    def make(r, fs, ft):
         rs, rt = jax.random.split(r)
-        params[key] = {"student": adapters.Embed(dim).init(rs, fs)["params"],
-                       "teacher": adapters.Embed(dim).init(rt, ft)["params"]}
-    return params
+        return {"student": adapters.Embed(dim).init(rs, fs)["params"],
+                "teacher": adapters.Embed(dim).init(rt, ft)["params"]}
+
+    return _init_pairs(rng, s_out, t_out, options, "pooled", make)
 
 
 def _embeds(params, key, fs, ft, dim, method):
-    _check_params(params, key, method)
+    check_params(params, key, method)
     es = adapters.Embed(dim).apply({"params": params[key]["student"]}, fs)
     et = adapters.Embed(dim).apply({"params": params[key]["teacher"]}, ft)
     return es, et
 
 
-def _cc_init(rng, s_out, t_out, pairs, dim, variant, gamma, order):
-    del variant, gamma, order
-    return _embed_init(rng, s_out, t_out, pairs, dim), None
+def _cc_init(rng, s_out, t_out, options):
+    return _embed_init(rng, s_out, t_out, options), None
 
 
-def _cc(params, s_out, t_out, batch, pairs, dim, variant, gamma, order):
-    del batch
+def _cc(inputs, options):
     total = 0.0
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "pooled"):
-        es, et = _embeds(params, key, fs, ft, dim, "cc")
-        total = total + losses.correlation_congruence(es, et, variant, gamma, order)
+    for key, fs, ft in _pairs(inputs, options, "pooled"):
+        es, et = _embeds(inputs.params, key, fs, ft, options["dim"], "cc")
+        total = total + losses.correlation_congruence(es, et, options["variant"],
+                                                      options["gamma"], options["order"])
     return total
 
 
-def _crd_init(rng, s_out, t_out, pairs, dim, temperature, queue_size):
-    del temperature
+def _crd_init(rng, s_out, t_out, options):
+    queue_size, dim = options["queue_size"], options["dim"]
     r_params, r_queue = jax.random.split(rng)
-    params = _embed_init(r_params, s_out, t_out, pairs, dim)
+    params = _embed_init(r_params, s_out, t_out, options)
     state = None
     if queue_size:
         state = {key: losses.init_crd_queue(r, int(queue_size), int(dim))
-                 for key, r in zip(params, _split(r_queue, len(params)))}
+                 for key, r in zip(params, split_rng(r_queue, len(params)))}
     return params, state
 
 
-def _crd(params, state, s_out, t_out, batch, rng, pairs, dim, temperature, queue_size):
-    del rng
+def _crd(inputs, options):
+    queue_size, temperature = options["queue_size"], options["temperature"]
+    state = inputs.state
     total, new_state = 0.0, {}
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "pooled"):
-        es, et = _embeds(params, key, fs, ft, dim, "crd")
+    for key, fs, ft in _pairs(inputs, options, "pooled"):
+        es, et = _embeds(inputs.params, key, fs, ft, options["dim"], "crd")
         if queue_size:
             if state is None or key not in state:
                 raise ValueError(f"crd: queue state for {key!r} missing; call init "
                                  f"(queue_size={queue_size}).")
             loss, new_state[key] = losses.crd_queue(es, et, state[key], temperature,
-                                                    weights=_weights(batch))
+                                                    weights=inputs.weights)
         else:
-            loss = losses.crd(es, et, temperature, weights=_weights(batch))
+            loss = losses.crd(es, et, temperature, weights=inputs.weights)
         total = total + loss
     return total, (new_state if queue_size else state)
 
 
 # --- VID ------------------------------------------------------------------------------
 
-def _vid_init(rng, s_out, t_out, pairs, init_variance, eps):
-    params = {}
-    for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "all"), _split(rng, 64)):
-        head = adapters.VIDHead(ft.shape[-1], init_variance=init_variance, eps=eps)
-        params[key] = head.init(r, fs)["params"]
-    return params, None
+def _vid_head(ft, options):
+    return adapters.VIDHead(ft.shape[-1], init_variance=options["init_variance"],
+                            eps=options["eps"])
 
 
-def _vid(params, s_out, t_out, batch, pairs, init_variance, eps):
-    total = 0.0
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "all"):
-        _check_params(params, key, "vid")
-        head = adapters.VIDHead(ft.shape[-1], init_variance=init_variance, eps=eps)
-        mean, log_scale = head.apply({"params": params[key]}, fs)
+def _vid_init(rng, s_out, t_out, options):
+    def make(r, fs, ft):
+        return _vid_head(ft, options).init(r, fs)["params"]
+
+    return _init_pairs(rng, s_out, t_out, options, "all", make), None
+
+
+def _vid(inputs, options):
+    params, total = inputs.params, 0.0
+    for key, fs, ft in _pairs(inputs, options, "all"):
+        check_params(params, key, "vid")
+        mean, log_scale = _vid_head(ft, options).apply({"params": params[key]}, fs)
         mean, ft = match_spatial(mean, ft)
-        total = total + losses.vid(mean, ft, log_scale, eps, weights=_weights(batch))
+        total = total + losses.vid(mean, ft, log_scale, options["eps"],
+                                   weights=inputs.weights)
     return total
 
 
 # --- RKD, PKT ------------------------------------------------------------------------
 
-def _rkd(params, s_out, t_out, batch, pairs, distance_weight, angle_weight):
-    del params, batch
-    return sum(losses.rkd(fs, ft, distance_weight, angle_weight)
-               for _, fs, ft in _pair_iter(pairs, s_out, t_out, "pooled"))
+def _rkd(inputs, options):
+    return sum(losses.rkd(fs, ft, options["distance_weight"], options["angle_weight"])
+               for _, fs, ft in _pairs(inputs, options, "pooled"))
 
 
-def _pkt(params, s_out, t_out, batch, pairs):
-    del params, batch
-    return sum(losses.pkt(fs, ft) for _, fs, ft in _pair_iter(pairs, s_out, t_out, "pooled"))
+def _pkt(inputs, options):
+    return sum(losses.pkt(fs, ft) for _, fs, ft in _pairs(inputs, options, "pooled"))
 
 
 # --- AB -------------------------------------------------------------------------------
 
-def _ab_init(rng, s_out, t_out, pairs, margin, pretrain_epochs, pretrain_student):
-    del margin, pretrain_epochs, pretrain_student
-    params = {}
-    for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "all"), _split(rng, 64)):
-        params[key] = adapters.ABConnector(ft.shape[-1]).init(r, fs)["params"]
-    return params, None
+def _ab_init(rng, s_out, t_out, options):
+    def make(r, fs, ft):
+        return adapters.ABConnector(ft.shape[-1]).init(r, fs)["params"]
+
+    return _init_pairs(rng, s_out, t_out, options, "all", make), None
 
 
-def _ab(params, s_out, t_out, batch, pairs, margin, pretrain_epochs, pretrain_student):
-    del pretrain_epochs, pretrain_student
-    items = list(_pair_iter(pairs, s_out, t_out, "all"))
+def _ab(inputs, options):
+    params = inputs.params
+    items = list(_pairs(inputs, options, "all"))
     n = len(items)
     total = 0.0
     for i, (key, fs, ft) in enumerate(items):
-        _check_params(params, key, "ab")
+        check_params(params, key, "ab")
         src = adapters.ABConnector(ft.shape[-1]).apply({"params": params[key]}, fs)
         src, ft = match_spatial(src, ft)
         layer_weight = 2.0 ** (i - n + 1) * 3.0 / 1000.0  # RepDistiller ABLoss scaling
         total = total + layer_weight * losses.activation_boundary(
-            src, ft, margin, weights=_weights(batch))
+            src, ft, options["margin"], weights=inputs.weights)
     return total
 
 
@@ -322,54 +263,48 @@ def _ft_modules(ft, rate):
     return adapters.Paraphraser(rate), adapters.Translator(ft.shape[-1], rate)
 
 
-def _ft_init(rng, s_out, t_out, pairs, rate, p, pretrain_epochs, pretrain_student,
-             pretrain_params):
-    del p, pretrain_epochs, pretrain_student, pretrain_params
-    params = {}
-    for (key, fs, ft), r in zip(_pair_iter(pairs, s_out, t_out, "last"), _split(rng, 64)):
+def _ft_init(rng, s_out, t_out, options):
+    def make(r, fs, ft):
         rp, rt = jax.random.split(r)
-        para, trans = _ft_modules(ft, rate)
-        params[key] = {"paraphraser": para.init(rp, ft)["params"],
-                       "translator": trans.init(rt, fs)["params"]}
-    return params, None
+        para, trans = _ft_modules(ft, options["rate"])
+        return {"paraphraser": para.init(rp, ft)["params"],
+                "translator": trans.init(rt, fs)["params"]}
+
+    return _init_pairs(rng, s_out, t_out, options, "last", make), None
 
 
-def _ft(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs, pretrain_student,
-        pretrain_params):
-    del pretrain_epochs, pretrain_student, pretrain_params
-    total = 0.0
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "last"):
-        _check_params(params, key, "ft")
-        para, trans = _ft_modules(ft, rate)
+def _ft(inputs, options):
+    params, total = inputs.params, 0.0
+    for key, fs, ft in _pairs(inputs, options, "last"):
+        check_params(params, key, "ft")
+        para, trans = _ft_modules(ft, options["rate"])
         # The paraphraser is trained in the pre-training stage only (frozen here).
         factor_t, _ = para.apply({"params": _sg(params[key]["paraphraser"])}, ft)
         factor_s = trans.apply({"params": params[key]["translator"]}, fs)
-        total = total + losses.factor_transfer(factor_s, factor_t, p, weights=_weights(batch))
+        total = total + losses.factor_transfer(factor_s, factor_t, options["p"],
+                                               weights=inputs.weights)
     return total
 
 
-def _ft_pretrain(params, s_out, t_out, batch, pairs, rate, p, pretrain_epochs,
-                 pretrain_student, pretrain_params):
+def _ft_pretrain(inputs, options):
     """Paraphraser reconstruction of the teacher feature (MSE, RepDistiller init stage)."""
-    del p, pretrain_epochs, pretrain_student, pretrain_params
-    total = 0.0
-    for key, fs, ft in _pair_iter(pairs, s_out, t_out, "last"):
-        _check_params(params, key, "ft")
-        para, _ = _ft_modules(ft, rate)
+    params, total = inputs.params, 0.0
+    for key, fs, ft in _pairs(inputs, options, "last"):
+        check_params(params, key, "ft")
+        para, _ = _ft_modules(ft, options["rate"])
         _, recon = para.apply({"params": params[key]["paraphraser"]}, ft)
-        total = total + losses.fitnet(recon, ft.astype(jnp.float32), weights=_weights(batch))
+        total = total + losses.fitnet(recon, ft.astype(jnp.float32), weights=inputs.weights)
     return total
 
 
 # --- FSP ------------------------------------------------------------------------------
 
-def _fsp(params, s_out, t_out, batch, pairs, pretrain_epochs, pretrain_student):
-    del params, pretrain_epochs, pretrain_student
-    items = list(_pair_iter(pairs, s_out, t_out, "all"))
+def _fsp(inputs, options):
+    items = list(_pairs(inputs, options, "all"))
     if len(items) < 2:
         raise ValueError(f"fsp needs >= 2 feature pairs (FSP matrices join consecutive "
                          f"layers), got {len(items)}.")
-    return sum(losses.fsp(a[1], b[1], a[2], b[2], weights=_weights(batch))
+    return sum(losses.fsp(a[1], b[1], a[2], b[2], weights=inputs.weights)
                for a, b in zip(items[:-1], items[1:]))
 
 

@@ -152,9 +152,8 @@ def pretrain_step_fn(distiller: Distiller, tx: optax.GradientTransformation, *,
         total = jnp.zeros((), jnp.float32)
         for i, k in enumerate(keys):
             m = by_key[k]
-            value, _ = m.method.pretrain_loss(params["adapters"][k], state.method_state[k],
-                                              s_out, t_out, batch,
-                                              jax.random.fold_in(rng, i + 1), **m.options)
+            value, _ = m.pretrain(params["adapters"][k], state.method_state[k], s_out,
+                                  t_out, batch, jax.random.fold_in(rng, i + 1))
             total = total + value
         return total, new_bs
 

@@ -31,9 +31,8 @@ def _stage_loss(d, state):
     total = 0.0
     for k, m in zip(d.keys, d.methods):
         if m.method.pretrain_loss is not None:
-            total += float(m.method.pretrain_loss(state.params["adapters"][k],
-                                                  state.method_state[k], s_out, t_out,
-                                                  batch, jax.random.key(0), **m.options)[0])
+            total += float(m.pretrain(state.params["adapters"][k], state.method_state[k],
+                                      s_out, t_out, batch, jax.random.key(0))[0])
     return total
 
 
