@@ -34,7 +34,7 @@ API (everything a driver needs; :func:`kdjax.train.teacher.get_teacher` is built
 ``nonfinite_leaves(tree)``
     ``[(leaf path, number of NaN/Inf entries)]`` of a pytree, ``[]`` when all finite.
 
-Example (the CoSS driver's SimCLR teacher)::
+Example (as :func:`kdjax.recipes.simclr.cached_encoder` caches a SimCLR teacher)::
 
     from kdjax.train import cache
     def build(ckpt_dir):
