@@ -20,6 +20,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import faithful_report
 from experiments.common import best_variables, fit_students, study_teacher
 from experiments.configs import faithful as faithful_config
 from kdjax import data as kdata
@@ -133,12 +134,13 @@ def main(argv=None):
         kx.markdown_table(rows, row="run", metrics=METRICS, row_order=list(runs)),
         "Fraction certified (eps, delta)-faithful and label-consistent (first "
         f"{ec.crown_points or len(x_eval)} eval points, %):",
-        F.certification_table(rows, ec.eps, ec.delta, row_order=list(runs)),
+        faithful_report.certification_table(rows, ec.eps, ec.delta, row_order=list(runs)),
         "PGD above a certified bound (must be 0): "
         f"{sum(r['faithfulness']['bound_violations'] for r in rows)} point(s)."])
     run.report(header, table, rows)
     if rows:
-        F.plot_gap_bounds(rows, ec.eps, run.path("gaps.png"), crown=ec.crown_points > 0)
+        faithful_report.plot_gap_bounds(rows, ec.eps, run.path("gaps.png"),
+                                        crown=ec.crown_points > 0)
     return kx.summarize(rows, ["run"], [m.name for m in METRICS])
 
 

@@ -21,10 +21,8 @@ at ``x``), :func:`faithfulness_report` gives, from the per-point values of a
 
 :func:`teacher_correct_points` picks the points, :func:`report_at` reads a report's
 headline numbers at one ``(eps, delta)``, :func:`flatten_report` turns a report into
-flat columns; over result rows that hold a report, :func:`certification_table` is the
-table of certified fractions per ``(eps, delta)`` (the one formatter,
-:func:`kdjax.experiment.markdown_table`) and :func:`plot_gap_bounds` plots both bounds
-against the radius.
+flat columns (the faithful driver's table and plot, ``experiments/faithful_report.py``,
+read those).
 """
 
 from __future__ import annotations
@@ -37,12 +35,10 @@ import numpy as np
 
 from kdjax._checks import check_choice
 from kdjax.faithful.attacks import pgd_gap
-from kdjax.experiment.plots import pyplot, save_figure
-from kdjax.experiment.tables import Metric, markdown_table, pivot
 from kdjax.faithful.certify import certified_agreement, gap_upper_bound, margin_bounds
 
 __all__ = ["teacher_correct_points", "gap_evaluator", "faithfulness_report", "report_at",
-           "flatten_report", "certification_table", "plot_gap_bounds"]
+           "flatten_report"]
 
 
 def teacher_correct_points(teacher_logits, labels, num: int, seed: int = 0) -> np.ndarray:
@@ -160,45 +156,3 @@ def flatten_report(report: Mapping[str, Any]) -> dict:
             else:
                 out[f"{k}@eps={e}"] = v
     return out
-
-
-def _flat_rows(rows, key):
-    return [{**r, **flatten_report(r[key])} for r in rows]
-
-
-def certification_table(rows: Sequence[Mapping[str, Any]], eps: Sequence[float],
-                        delta: Sequence[float], *, row: str = "run",
-                        row_order: Sequence | None = None, key: str = "faithfulness",
-                        digits: int = 1) -> str:
-    """Markdown table of the fraction certified ``(eps, delta)``-faithful and
-    label-consistent (``certified_faithful``, in %): one line per value of ``row``, one
-    column ``eps=<e>, delta=<d>`` per pair, ``mean ± std (rank)`` over seeds and ``n``.
-    ``rows[i][key]`` is a :func:`faithfulness_report`."""
-    metrics = [Metric(f"certified_faithful@eps={e}, delta={d}", f"eps={e}, delta={d}",
-                      digits=digits) for e in eps for d in delta]
-    return markdown_table(_flat_rows(rows, key), row=row, metrics=metrics,
-                          row_order=row_order)
-
-
-def plot_gap_bounds(rows: Sequence[Mapping[str, Any]], eps: Sequence[float], path: str, *,
-                    row: str = "run", crown: bool = True,
-                    key: str = "faithfulness") -> None:
-    """Mean PGD gap (lower bound, solid) and certified bound (upper, dashed) against
-    ``eps``, one colour per value of ``row``, on the same points: the CROWN points with
-    ``crown`` (``pgd_gap_crown_points``), else all (``pgd_gap``); a log y axis;
-    written to ``path`` (PNG, atomically)."""
-    flat = _flat_rows(rows, key)
-    names = list(dict.fromkeys(r[row] for r in flat))
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    lower = "pgd_gap_crown_points" if crown else "pgd_gap"
-    for k, style, what in ((lower, "-o", "PGD (lower)"),
-                           ("certified_gap", "--s", "certified (upper)")):
-        curves = [pivot(flat, row, None, f"{k}@eps={e}") for e in eps]
-        for i, name in enumerate(names):
-            ax.plot(list(eps), [c.get((name, None), {}).get("mean", np.nan) for c in curves],
-                    style, color=f"C{i}", label=f"{name} {what}")
-    ax.set(xlabel="eps (L-inf radius)", ylabel="mean confidence gap |p^S_y - p^T_y|",
-           yscale="log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
