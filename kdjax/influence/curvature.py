@@ -57,13 +57,22 @@ def per_example_losses(loss_fn: LossFn, params: Any, batch: Any) -> chex.Array:
     """
     _check_params(params)
     b = _batch_size(batch)
-    out = loss_fn(params, batch)
-    check_float_array(out, "loss_fn(params, batch)")
-    if np.shape(out) != (b,):
+    return _checked_losses(loss_fn(params, batch), "loss_fn(params, batch)", b,
+                           " (the batch's leading dimension)")
+
+
+def _checked_losses(values: Any, name: str, b: int, note: str = "") -> chex.Array:
+    """``values`` checked to be floating per-example losses ``[b]``, cast to >= float32.
+
+    ``name`` is the call that produced them (e.g. ``"loss_fn(params, batch)"``); ``note``
+    is appended to the expected shape in the error message.
+    """
+    check_float_array(values, name)
+    if np.shape(values) != (b,):
         raise ValueError(
-            f"loss_fn(params, batch) must return per-example losses of shape ({b},) "
-            f"(the batch's leading dimension), got shape {np.shape(out)}.")
-    return out.astype(_float_dtype(out.dtype))
+            f"{name} must return per-example losses of shape ({b},){note}, got shape "
+            f"{np.shape(values)}.")
+    return values.astype(_float_dtype(values.dtype))
 
 
 def _mean_loss(loss_fn, batch):
@@ -149,13 +158,8 @@ def ggn_vp(model_fn: Callable[[Any, Any], Any],
     outputs, jv = jax.jvp(f, (params,), (v,))
 
     def out_loss(o):
-        values = output_loss_fn(o, batch)
-        check_float_array(values, "output_loss_fn(outputs, batch)")
-        if np.shape(values) != (b,):
-            raise ValueError(
-                f"output_loss_fn(outputs, batch) must return per-example losses of shape "
-                f"({b},), got shape {np.shape(values)}.")
-        return jnp.mean(values.astype(_float_dtype(values.dtype)))
+        return jnp.mean(_checked_losses(output_loss_fn(o, batch),
+                                        "output_loss_fn(outputs, batch)", b))
 
     h_jv = jax.jvp(jax.grad(out_loss), (outputs,), (jv,))[1]
     _, f_vjp = jax.vjp(f, params)
