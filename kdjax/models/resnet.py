@@ -22,12 +22,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.models._layers import batch_norm as _bn
+from kdjax.models._layers import pooled_logits, residual_stages
+
 __all__ = ["ResNet", "WideResNet"]
 
 
-def _bn(train: bool, dtype, name=None):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, name=name)
+def _conv(channels: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+    """Bias-free ``kernel x kernel`` convolution with ``"SAME"`` padding."""
+    return nn.Conv(channels, (kernel, kernel), (stride, stride), padding="SAME",
+                   use_bias=False, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -39,12 +43,11 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda c, k, s, name: nn.Conv(c, (k, k), (s, s), padding="SAME",
-                                             use_bias=False, dtype=self.dtype, name=name)
-        h = nn.relu(_bn(train, self.dtype, "bn1")(conv(self.channels, 3, self.stride, "conv1")(x)))
-        h = _bn(train, self.dtype, "bn2")(conv(self.channels, 3, 1, "conv2")(h))
-        if self.stride != 1 or x.shape[-1] != self.channels:
-            x = _bn(train, self.dtype, "bn_sc")(conv(self.channels, 1, self.stride, "conv_sc")(x))
+        c, s, dt = self.channels, self.stride, self.dtype
+        h = nn.relu(_bn(train, dt, "bn1")(_conv(c, 3, s, dt, "conv1")(x)))
+        h = _bn(train, dt, "bn2")(_conv(c, 3, 1, dt, "conv2")(h))
+        if s != 1 or x.shape[-1] != c:
+            x = _bn(train, dt, "bn_sc")(_conv(c, 1, s, dt, "conv_sc")(x))
         return nn.relu(h + x)
 
 
@@ -64,18 +67,13 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet widths must have 4 entries (stem + 3 stages), "
                              f"got {tuple(self.widths)}.")
         n = (self.depth - 2) // 6
-        h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False,
-                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
-        h = nn.relu(_bn(train, self.dtype, "stem_bn")(h))
-        features = {"stem": h}
-        for s, width in enumerate(self.widths[1:], start=1):
-            for b in range(n):
-                stride = 2 if (s > 1 and b == 0) else 1
-                h = BasicBlock(width, stride, self.dtype, name=f"stage{s}_block{b}")(h, train)
-            features[f"stage{s}"] = h
-        pooled = jnp.mean(h, axis=(1, 2))
-        features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+        h = _conv(self.widths[0], 3, 1, self.dtype, "stem_conv")(x.astype(self.dtype))
+        stem = nn.relu(_bn(train, self.dtype, "stem_bn")(h))
+        h, stages = residual_stages(stem, train, BasicBlock,
+                                    [(w, n) for w in self.widths[1:]], self.dtype,
+                                    "stage{s}_block{b}")
+        features = {"stem": stem, **stages}
+        logits = pooled_logits(h, features, self.num_classes, self.dtype, "head")
         return logits, features
 
 
@@ -88,13 +86,12 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda c, k, s, name: nn.Conv(c, (k, k), (s, s), padding="SAME",
-                                             use_bias=False, dtype=self.dtype, name=name)
-        o = nn.relu(_bn(train, self.dtype, "bn1")(x))
-        h = conv(self.channels, 3, self.stride, "conv1")(o)
-        h = conv(self.channels, 3, 1, "conv2")(nn.relu(_bn(train, self.dtype, "bn2")(h)))
-        if self.stride != 1 or x.shape[-1] != self.channels:
-            x = conv(self.channels, 1, self.stride, "conv_sc")(o)
+        c, s, dt = self.channels, self.stride, self.dtype
+        o = nn.relu(_bn(train, dt, "bn1")(x))
+        h = _conv(c, 3, s, dt, "conv1")(o)
+        h = _conv(c, 3, 1, dt, "conv2")(nn.relu(_bn(train, dt, "bn2")(h)))
+        if s != 1 or x.shape[-1] != c:
+            x = _conv(c, 1, s, dt, "conv_sc")(o)
         return h + x
 
 
@@ -112,16 +109,10 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4 >= 10, got {self.depth}.")
         n = (self.depth - 4) // 6
         widths = (16, 16 * self.widen, 32 * self.widen, 64 * self.widen)
-        h = nn.Conv(widths[0], (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    name="stem_conv")(x.astype(self.dtype))
-        features = {"stem": h}
-        for s, width in enumerate(widths[1:], start=1):
-            for b in range(n):
-                stride = 2 if (s > 1 and b == 0) else 1
-                h = WideBlock(width, stride, self.dtype, name=f"stage{s}_block{b}")(h, train)
-            features[f"stage{s}"] = h
+        stem = _conv(widths[0], 3, 1, self.dtype, "stem_conv")(x.astype(self.dtype))
+        h, stages = residual_stages(stem, train, WideBlock, [(w, n) for w in widths[1:]],
+                                    self.dtype, "stage{s}_block{b}")
+        features = {"stem": stem, **stages}
         h = nn.relu(_bn(train, self.dtype, "final_bn")(h))
-        pooled = jnp.mean(h, axis=(1, 2))
-        features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+        logits = pooled_logits(h, features, self.num_classes, self.dtype, "head")
         return logits, features

@@ -35,6 +35,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.models._layers import batch_norm as _bn
+from kdjax.models._layers import pooled_logits, residual_stages
+
 __all__ = ["TorchvisionResNet", "TORCHVISION_DEPTHS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 # depth -> (block kind, blocks per stage)
@@ -48,11 +51,6 @@ def _conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), (stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, name=name)
-
-
-def _bn(train: bool, dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, name=name)
 
 
 class _Basic(nn.Module):
@@ -121,14 +119,9 @@ class TorchvisionResNet(nn.Module):
         block = _Basic if kind == "basic" else _Bottleneck
         h = _conv(64, 7, 2, self.dtype, "conv1")(x.astype(self.dtype))
         h = nn.relu(_bn(train, self.dtype, "bn1")(h))
-        h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        features = {"stem": h}
-        for s, (planes, n) in enumerate(zip((64, 128, 256, 512), counts), start=1):
-            for b in range(n):
-                stride = 2 if (s > 1 and b == 0) else 1
-                h = block(planes, stride, self.dtype, name=f"layer{s}_{b}")(h, train)
-            features[f"stage{s}"] = h
-        pooled = jnp.mean(h, axis=(1, 2))
-        features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(pooled)
+        stem = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        h, stages = residual_stages(stem, train, block, list(zip((64, 128, 256, 512), counts)),
+                                    self.dtype, "layer{s}_{b}")
+        features = {"stem": stem, **stages}
+        logits = pooled_logits(h, features, self.num_classes, self.dtype, "fc")
         return logits, features
