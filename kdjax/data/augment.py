@@ -57,6 +57,13 @@ def _check_key(key):
                         f"{getattr(key, 'dtype', type(key).__name__)}.")
 
 
+def _check_same_batch(x, y):
+    """Raises ``ValueError`` unless the labels ``y`` have the batch size of ``x``."""
+    if y.shape[:1] != x.shape[:1]:
+        raise ValueError(f"x and y must have the same batch size, got {x.shape} and "
+                         f"{y.shape}.")
+
+
 def _check_int(value, name, low=0):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
@@ -135,9 +142,7 @@ def mixup(key: jax.Array, x: jax.Array, y: jax.Array, alpha: float = 0.2):
     """
     _check_key(key)
     check_float_array(x, "x", min_ndim=2)
-    if y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"x and y must have the same batch size, got {x.shape} and "
-                         f"{y.shape}.")
+    _check_same_batch(x, y)
     check_positive(alpha, "alpha")
     return _mixup(key, x, y, jnp.asarray(alpha, jnp.float32))
 
@@ -163,9 +168,7 @@ def cutmix(key: jax.Array, x: jax.Array, y: jax.Array, alpha: float = 1.0):
     """
     _check_key(key)
     _check_images(x)
-    if y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"x and y must have the same batch size, got {x.shape} and "
-                         f"{y.shape}.")
+    _check_same_batch(x, y)
     check_positive(alpha, "alpha")
     return _cutmix(key, x, y, jnp.asarray(alpha, jnp.float32))
 
