@@ -22,9 +22,11 @@ from kdjax.models.capture import available_paths, with_features
 from kdjax.models.nets import CNN1D, CNN2D, MLP
 from kdjax.models.resnet import ResNet, WideResNet
 from kdjax.models.torchvision import TorchvisionResNet
+from kdjax.models.wrap import FromNNX, Wrapped, from_nnx, wrap, wrap_variables
 
 __all__ = ["MLP", "CNN1D", "CNN2D", "ResNet", "WideResNet", "TorchvisionResNet", "create",
-           "check_name", "names", "with_features", "available_paths"]
+           "check_name", "names", "with_features", "available_paths", "wrap", "from_nnx",
+           "wrap_variables", "Wrapped", "FromNNX"]
 
 _SIMPLE = {"mlp": MLP, "cnn1d": CNN1D, "cnn2d": CNN2D}
 

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from kdjax import _jaxpr
 from kdjax._checks import check_float_array, check_labels, check_same_shape
 from kdjax.methods import BuiltMethod
+from kdjax.models.wrap import check_output, check_signature
 from kdjax.train import epoch as epoch_lib
 from kdjax.train import metrics as metrics_lib
 from kdjax.train.sharding import data_sharding, replicated
@@ -63,6 +64,7 @@ class TrainState:
 EPOCH_MODES = epoch_lib.EPOCH_MODES
 SEED_MODES = ("auto", "vmap", "sequential")
 NONFINITE = "nonfinite_params"   # key of the divergence flag in an epoch's mean terms
+_STUDENT_RNG = 2**31 - 1         # fold_in tag of the student's rng streams in a step
 
 
 primitives = _jaxpr.primitives  # names of every primitive in a jaxpr (one walker)
@@ -112,6 +114,19 @@ class Distiller:
         ``"vmap"`` (one program over the stacked state), ``"sequential"`` (the seeds one
         after the other through the one-seed programs; same numbers up to float
         rounding) or ``"auto"`` (the default; :meth:`resolve_seed_mode`).
+      rng_streams: rng streams passed to the student's train-mode apply (and to its
+        init), each key ``fold_in(stream key of the step, index)``, so Dropout works;
+        a stream a module does not use changes nothing. The teacher runs in eval mode
+        without rngs.
+
+    Any other Flax model (logits only, no ``train`` argument, features by module path,
+    ``flax.nnx``) is passed as ``kdjax.models.wrap(module, features=...)`` or
+    ``kdjax.models.from_nnx(NNXClass, ..., features=...)``: explicit rather than
+    automatic, because the wrapper nests the parameters one level (``{"module": ...}``),
+    which the user must see to build teacher variables and read checkpoints, and
+    because only the user knows the feature paths; kdjax's own models stay unwrapped
+    (their parameter trees and numbers are unchanged). :meth:`init` names the wrapper
+    when a module does not follow the contract.
     """
 
     student: nn.Module
@@ -123,6 +138,7 @@ class Distiller:
     teacher_from_batch: bool = False
     epoch_mode: str = "auto"
     seed_mode: str = "auto"
+    rng_streams: tuple[str, ...] = ("dropout",)
 
     def __post_init__(self):
         if self.seed_mode not in SEED_MODES:
@@ -152,13 +168,26 @@ class Distiller:
         out = self.teacher.apply(teacher_vars, x.astype(self.compute_dtype), train=False)
         return jax.lax.stop_gradient(out)
 
-    def _student_out(self, params, batch_stats, x, train: bool):
+    def _rngs(self, key) -> dict:
+        """``{stream: fold_in(key, i)}`` for the streams of ``rng_streams``."""
+        return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rng_streams)}
+
+    def _student_out(self, params, batch_stats, x, train: bool, rng=None):
+        """``rng``: key of the train-mode rng streams (:attr:`rng_streams`)."""
         vs = _variables(params["student"], batch_stats)
         x = x.astype(self.compute_dtype)
+        kw = {} if rng is None else {"rngs": self._rngs(rng)}
         if train and batch_stats:
-            out, upd = self.student.apply(vs, x, train=True, mutable=["batch_stats"])
+            out, upd = self.student.apply(vs, x, train=True, mutable=["batch_stats"], **kw)
             return out, upd["batch_stats"]
-        return self.student.apply(vs, x, train=train), batch_stats
+        return self.student.apply(vs, x, train=train, **kw), batch_stats
+
+    def _init_student(self, key, x):
+        """The student's variables; ``key`` seeds ``params`` and, folded, every stream
+        of :attr:`rng_streams` (an NNX Dropout takes its stream at construction)."""
+        check_signature(self.student, "student")
+        return self.student.init({"params": key, **self._rngs(jax.random.fold_in(key, 1))},
+                                 x, train=False)
 
     def hyperparameters(self) -> dict:
         """``{method_key: {"weight": w, <traced option>: v}}`` (float32): the numbers of
@@ -198,11 +227,16 @@ class Distiller:
         key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
         k_student, k_adapters = jax.random.split(jax.random.fold_in(key, 1))
         x = jnp.asarray(example_x).astype(self.compute_dtype)
-        variables = self.student.init(k_student, x, train=False)
+        variables = self._init_student(k_student, x)
         params = {"student": variables["params"], "adapters": {}}
         batch_stats = variables.get("batch_stats", {})
         s_out = self.student.apply(variables, x, train=False)
+        check_output(s_out, "student")
+        if self.teacher is not None:
+            check_signature(self.teacher, "teacher")
         t_out = self._teacher_out(teacher_vars, x)
+        if t_out is not None:
+            check_output(t_out, "teacher")
         method_state = {}
         for i, (k, m) in enumerate(zip(self.keys, self.methods)):
             p, st = m.init(jax.random.fold_in(k_adapters, i), s_out, t_out)
@@ -224,7 +258,8 @@ class Distiller:
         if self.augment is not None:
             batch = self.augment(jax.random.fold_in(rng, 0), batch)
         x = batch["x"]
-        s_out, new_bs = self._student_out(params, state.batch_stats, x, train=True)
+        s_out, new_bs = self._student_out(params, state.batch_stats, x, train=True,
+                                          rng=jax.random.fold_in(rng, _STUDENT_RNG))
         s_out = (s_out[0].astype(jnp.float32), s_out[1])
         if self.teacher_from_batch:
             t_out = (batch["teacher_logits"], batch.get("teacher_features", {}))
@@ -343,7 +378,7 @@ class Distiller:
             return "scan"
         x = jax.ShapeDtypeStruct((1, *example_x.shape[1:]), example_x.dtype)
         jaxpr = jax.make_jaxpr(
-            lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
+            lambda v: self._init_student(jax.random.PRNGKey(0), v))(x)
         return "loop" if "conv_general_dilated" in primitives(jaxpr) else "scan"
 
     def resolve_seed_mode(self, example_x, num_seeds: int, mesh: Mesh | None = None) -> str:
@@ -375,7 +410,7 @@ class Distiller:
             return "vmap"
         x = jax.ShapeDtypeStruct((1, *example_x.shape[1:]), example_x.dtype)
         jaxpr = jax.make_jaxpr(
-            lambda v: self.student.init(jax.random.PRNGKey(0), v, train=False))(x)
+            lambda v: self._init_student(jax.random.PRNGKey(0), v))(x)
         spatial = [len(e.params["dimension_numbers"].lhs_spec) - 2
                    for e, _ in iter_eqns(jaxpr) if e.primitive.name == "conv_general_dilated"]
         if any(d >= 2 for d in spatial):
