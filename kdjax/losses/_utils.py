@@ -1,4 +1,5 @@
-"""Reduction shared by kdjax losses (per-example values -> scalar)."""
+"""Helpers shared by kdjax losses: reduction (per-example values -> scalar), weights as
+multiplicities, L2 normalisation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 
 from kdjax._checks import check_choice, check_weights
 
-__all__ = ["REDUCTIONS", "reduce_per_example", "multiplicities"]
+__all__ = ["REDUCTIONS", "reduce_per_example", "multiplicities", "l2_normalize"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -48,3 +49,12 @@ def multiplicities(weights, batch: int, name: str = "weights") -> jnp.ndarray:
         return jnp.ones((batch,), jnp.float32)
     check_weights(weights, name, batch)
     return jnp.asarray(weights).astype(jnp.float32)
+
+
+def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
+    """``x / max(||x||, eps)`` along ``axis`` (torch ``F.normalize``, whose default eps
+    the reference codes use); finite gradient at ``x = 0``."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    ok = sq > eps * eps
+    norm = jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), eps)
+    return x / norm

@@ -35,6 +35,17 @@ def _leading(v):
     return np.shape(v)[0] if v is not None and np.shape(v) else None
 
 
+def _check_divisible(args, divisor: int, what: str) -> None:
+    """Raises ``ValueError`` unless every positional array's leading dimension divides
+    by ``divisor``; ``what`` ends the message ("divisible by <what>")."""
+    for i, v in enumerate(args):
+        n = _leading(v)
+        if n is not None and n % divisor:
+            raise ValueError(
+                f"positional argument {i} has leading dimension {n}, which must be "
+                f"divisible by {what}.")
+
+
 def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
                axis_name: str = "data") -> Callable[..., Any]:
     r"""Per-device semantics: ``fn`` on each device's shard of the batch, then ``pmean``.
@@ -98,12 +109,7 @@ def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
     def wrapped(*args, **kwargs):
         arr_kw = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
         static_kw = {k: v for k, v in kwargs.items() if k not in arr_kw}
-        for i, v in enumerate(args):
-            n = _leading(v)
-            if n is not None and n % size:
-                raise ValueError(
-                    f"positional argument {i} has leading dimension {n}, which must be "
-                    f"divisible by the {size} devices of mesh axis {axis_name!r}.")
+        _check_divisible(args, size, f"the {size} devices of mesh axis {axis_name!r}")
 
         def local(args, arr_kw):
             out = fn(*args, **arr_kw, **static_kw)
@@ -150,12 +156,7 @@ def per_group(fn: Callable[..., Any], num_groups: int) -> Callable[..., Any]:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
 
     def wrapped(*args, **kwargs):
-        for i, v in enumerate(args):
-            n = _leading(v)
-            if n is not None and n % num_groups:
-                raise ValueError(
-                    f"positional argument {i} has leading dimension {n}, which must be "
-                    f"divisible by num_groups={num_groups}.")
+        _check_divisible(args, num_groups, f"num_groups={num_groups}")
         if num_groups == 1:
             return fn(*args, **kwargs)
         grouped = [v if _leading(v) is None

@@ -28,7 +28,7 @@ from kdjax._checks import (
     check_same_leading,
     check_same_shape,
 )
-from kdjax.losses._utils import reduce_per_example
+from kdjax.losses._utils import l2_normalize, reduce_per_example
 
 __all__ = [
     "match_spatial",
@@ -44,16 +44,6 @@ __all__ = [
     "hcl",
     "adaptive_avg_pool",
 ]
-
-_EPS = 1e-12  # torch.nn.functional.normalize's default eps, used by the reference codes
-
-
-def _l2_normalize(x, axis=-1, eps=_EPS):
-    """``x / max(||x||, eps)`` (torch ``F.normalize``); finite gradient at ``x = 0``."""
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    safe = jnp.where(sq > eps * eps, sq, 1.0)
-    norm = jnp.where(sq > eps * eps, jnp.sqrt(safe), eps)
-    return x / norm
 
 
 def _flat(x):
@@ -159,7 +149,7 @@ def attention_map(feature: chex.Array, p: float = 2.0) -> chex.Array:
     check_positive(p, "p")
     f = feature.astype(jnp.float32)
     a = jnp.mean(jnp.abs(f) ** p, axis=-1)
-    return _l2_normalize(_flat(a))
+    return l2_normalize(_flat(a))
 
 
 def attention_transfer(student: chex.Array, teacher: chex.Array, p: float = 2.0, *,
@@ -204,7 +194,7 @@ def _channel_vectors(f):
     """``[B, *S, C]`` -> ``[B, C, positions]`` with each channel L2-normalised."""
     f = f.astype(jnp.float32)
     f = f.reshape(f.shape[0], -1, f.shape[-1])
-    return _l2_normalize(jnp.swapaxes(f, 1, 2), axis=-1)
+    return l2_normalize(jnp.swapaxes(f, 1, 2), axis=-1)
 
 
 def nst(student: chex.Array, teacher: chex.Array, *, weights: chex.Array | None = None,
@@ -360,8 +350,8 @@ def factor_transfer(student_factor: chex.Array, teacher_factor: chex.Array,
         raise ValueError(f"p must be 1 or 2, got {p!r}.")
     student_factor, teacher_factor = match_spatial(student_factor, teacher_factor)
     check_same_shape(student_factor, teacher_factor, "student_factor", "teacher_factor")
-    fs = _l2_normalize(_flat(student_factor.astype(jnp.float32)))
-    ft = _l2_normalize(_flat(teacher_factor.astype(jnp.float32)))
+    fs = l2_normalize(_flat(student_factor.astype(jnp.float32)))
+    ft = l2_normalize(_flat(teacher_factor.astype(jnp.float32)))
     diff = jnp.abs(fs - ft) if p == 1 else (fs - ft) ** 2
     return reduce_per_example(jnp.mean(diff, axis=-1), weights, reduction)
 

@@ -42,7 +42,7 @@ from kdjax._checks import (
     check_same_leading,
     check_same_shape,
 )
-from kdjax.losses._utils import multiplicities, reduce_per_example
+from kdjax.losses._utils import l2_normalize, multiplicities, reduce_per_example
 
 __all__ = [
     "similarity_preserving",
@@ -84,14 +84,6 @@ def _global_batch(x):
 def _flat32(x):
     x = _global_batch(x)
     return x.astype(jnp.float32).reshape(x.shape[0], -1)
-
-
-def _l2_normalize(x, axis=-1, eps=_EPS):
-    """``x / max(||x||, eps)`` (torch ``F.normalize``); finite gradient at ``x = 0``."""
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    ok = sq > eps * eps
-    norm = jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), eps)
-    return x / norm
 
 
 def _check_pair(student, teacher, names=("student", "teacher"), min_ndim=2):
@@ -193,7 +185,7 @@ def correlation_congruence(student: chex.Array, teacher: chex.Array,
         raise ValueError(f"order must be a non-negative int, got {order!r}.")
 
     def psi(f):
-        f = _l2_normalize(f)
+        f = l2_normalize(f)
         g = f @ f.T
         out = jnp.zeros_like(g)
         for p in range(order + 1):
@@ -244,7 +236,7 @@ def rkd_distance(student: chex.Array, teacher: chex.Array, *,
 
 def _angles(e, i):
     """``cos angle(e_j - e_i, e_k - e_i)`` for all ``j, k``: ``[B, B]`` for anchor ``i``."""
-    v = _l2_normalize(e - e[i][None, :])
+    v = l2_normalize(e - e[i][None, :])
     return v @ v.T
 
 
@@ -388,8 +380,8 @@ def crd(student_emb: chex.Array, teacher_emb: chex.Array,
     """
     _check_embeddings(student_emb, teacher_emb)
     check_positive(temperature, "temperature")
-    s = _l2_normalize(_flat32(student_emb))
-    t = _l2_normalize(_flat32(teacher_emb))
+    s = l2_normalize(_flat32(student_emb))
+    t = l2_normalize(_flat32(teacher_emb))
     logits = s @ t.T / temperature
     idx = jnp.arange(s.shape[0])
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, idx)
@@ -410,8 +402,8 @@ def init_crd_queue(rng: chex.PRNGKey, size: int = 16384, dim: int = 128) -> dict
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}.")
     ks, kt = jax.random.split(rng)
-    return {"student": _l2_normalize(jax.random.normal(ks, (size, dim))),
-            "teacher": _l2_normalize(jax.random.normal(kt, (size, dim)))}
+    return {"student": l2_normalize(jax.random.normal(ks, (size, dim))),
+            "teacher": l2_normalize(jax.random.normal(kt, (size, dim)))}
 
 
 def _enqueue(queue, new):
@@ -477,8 +469,8 @@ def crd_queue(student_emb: chex.Array, teacher_emb: chex.Array, queue: dict,
             raise ValueError(
                 f"queue[{key!r}] must have {student_emb.shape[1]} columns (the embedding "
                 f"dim), got shape {queue[key].shape}.")
-    s = _l2_normalize(_flat32(student_emb))
-    t = _l2_normalize(_flat32(teacher_emb))
+    s = l2_normalize(_flat32(student_emb))
+    t = l2_normalize(_flat32(teacher_emb))
     qs = _global_batch(queue["student"]).astype(jnp.float32)
     qt = _global_batch(queue["teacher"]).astype(jnp.float32)
     pos = jnp.sum(s * t, axis=-1, keepdims=True) / temperature
