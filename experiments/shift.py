@@ -5,10 +5,9 @@
 Config -> cells (shift x teacher x method entry x seed; shift outermost) -> per shift:
 data (training domains, a 20% val split of each, test_in, the target domain) ->
 teachers (ERM; on correlation shifts also robust ones, DomainBed objectives, the best
-on val worst-group accuracy; cached by config hash) -> per method: the students of all
-pending seeds as one vmapped program, checkpointed through ``fit`` -> selection on val
-(never the target) -> metrics on val, test_in and the target -> rows -> report
-(:mod:`experiments.shift_report`). Resumable (:class:`kdjax.experiment.Run`).
+on val worst-group accuracy; cached) -> per method: the students of all pending seeds
+through ``fit``, checkpoint (and a ``val_grid`` weight) selected on val, never the
+target -> metrics on val, test_in, target -> rows -> report. Resumable (``kx.Run``).
 ``run_cells(config, seeds)`` runs the cell named by ``config.shift``,
 ``config.teacher.algorithm`` and ``config.method.name`` (``experiments.sweep`` hook).
 """
@@ -56,29 +55,47 @@ def plan(cfg) -> list[kx.Cell]:
 
 
 def run_cells(cfg, seeds, ctx: L.Context | None = None) -> list[dict] | None:
-    """Trains the cell's students for ``seeds`` as one vmapped program; one metrics dict
-    per seed (``None``: skipped, with the reason in ``ctx.skipped``)."""
+    """Trains the cell's students for ``seeds`` as one vmapped program (one per candidate
+    weight of a ``val_grid`` entry, the best on val kept); one metrics dict per seed
+    (``None``: skipped, with the reason in ``ctx.skipped``)."""
     ctx = L.Context() if ctx is None else ctx
     seeds, entry = [int(s) for s in seeds], L.resolve_entry(cfg)
-    name, _ = L.parse_shift(cfg.shift)
-    kind, corr = L.input_kind(name), L.is_correlation(cfg.shift)
+    kind = L.input_kind(L.parse_shift(cfg.shift)[0])
     skip = "image-only data manipulation, the inputs are 1-D signals" \
         if entry["images_only"] and kind != "image" else ""
     splits = L.load_shift(ctx, cfg) if not skip else None
     if not skip:
-        tr, va = splits["train"], splits["val"]
+        tr = splits["train"]
         t = L.teacher(ctx, cfg, splits)
         mc = cfg.models[kind]
         student = models.create(mc.student, tr.num_classes,
                                 **L._tuples(mc.student_kwargs.to_dict()))
-        s_shapes = jax.eval_shape(lambda x: student.init_with_output(
-            jax.random.PRNGKey(0), x, train=False)[0], tr.x[:2])
-        t_shapes = jax.eval_shape(lambda x: t["module"].apply(t["variables"], x,
-                                                              train=False), tr.x[:2])
-        terms, skip = L.loss_terms(cfg, entry, s_shapes, t_shapes)
+        shapes = [jax.eval_shape(lambda x: student.init_with_output(
+            jax.random.PRNGKey(0), x, train=False)[0], tr.x[:2]), jax.eval_shape(
+            lambda x: t["module"].apply(t["variables"], x, train=False), tr.x[:2])]
+        skip = L.loss_terms(cfg, entry, *shapes)[1]
     if skip:
-        ctx.skipped.add(f"{entry['name']} on {cfg.shift}: skipped, {skip}.")
-        return None
+        return ctx.skipped.add(f"{entry['name']} on {cfg.shift}: skipped, {skip}.")
+    grid, key = L.grid_entries(entry), kx.config_hash(L.cell_identity(cfg))
+    ckpt = os.path.join(cfg.out_dir, "ckpt", f"{key}_s{'_'.join(map(str, seeds))}")
+    dirs = [ckpt + (f"_w{i}" if len(grid) > 1 else "") for i in range(len(grid))]
+    t0 = time.time()
+    cands = [train_students(cfg, e, L.loss_terms(cfg, e, *shapes)[0], splits, t, student,
+                            seeds, d) for e, d in zip(grid, dirs)]
+    best, means = L.select_on_val(cands)
+    rows = [{**r, "weight_grid_val": means} if len(cands) > 1 else r for r in cands[best]]
+    for d in dirs:  # rows are written next: work is kept
+        shutil.rmtree(d, ignore_errors=True)
+    ctx.log(f"{cfg.shift:>22s} {cfg.teacher.algorithm:>6s} {entry['name']:<10s} seeds "
+            f"{seeds}: target {100 * sum(r['target_accuracy'] for r in rows) / len(rows):.1f}%"
+            + (f", weight x{rows[0]['weight_multiplier']:g} of {entry['weight_grid']} on "
+               f"val" if len(cands) > 1 else "") + f" ({time.time() - t0:.0f} s)")
+    return rows
+
+
+def train_students(cfg, entry, terms, splits, t, student, seeds, ckpt_dir) -> list[dict]:
+    """The students of ``seeds`` for one loss (``terms``), checkpoint selected on val."""
+    tr, va = splits["train"], splits["val"]
     built = tuple(methods.build(x) for x in terms)
     only_ce = all(m.name == "ce" for m in built)
     aug = dict(entry["augment"] or {})
@@ -94,11 +111,8 @@ def run_cells(cfg, seeds, ctx: L.Context | None = None) -> list[dict] | None:
     distiller = Distiller(student, built, tx, teacher=None if only_ce else t["module"],
                           augment=augment, teacher_from_batch=precompute)
     every = max(1, epochs // cfg.student.evaluations)
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt", f"{kx.config_hash(L.cell_identity(cfg))}"
-                            f"_s{'_'.join(map(str, seeds))}")
     mesh = None if cfg.num_devices == 1 else make_mesh(cfg.num_devices or None)
-    t0 = time.time()
-    tvars = t["variables"]
+    t0, tvars = time.time(), t["variables"]
     state = jax.vmap(lambda k: distiller.init(k, tr.x[:2], tvars))(
         jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     ckpt = Checkpointer(ckpt_dir)
@@ -112,20 +126,7 @@ def run_cells(cfg, seeds, ctx: L.Context | None = None) -> list[dict] | None:
               checkpoint_every=every, checkpointer=ckpt, progress=cfg.progress,
               desc=f"{cfg.shift} {entry['name']}")
     ckpt.close()
-    variables = L.stack([{"params": bb["params"], **({"batch_stats": bb["batch_stats"]}
-                                                     if bb["batch_stats"] else {})}
-                         for bb in res.best])
-    logits = {s: L.logits_fn(student)(variables, splits[s].x)
-              for s in ("val", "test_in", "test_target")}
-    rows = [L.student_row(cfg, entry, terms, splits, t, {
-        s: L.split_metrics(logits[s][i], splits[s], t["logits"][s], corr and s != "val")
-        for s in logits}, best, L.val_gain_last_quarter(res.history, i, epochs),
-        time.time() - t0) for i, best in enumerate(res.best)]
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # rows are written next: work is kept
-    ctx.log(f"{cfg.shift:>22s} {cfg.teacher.algorithm:>6s} {entry['name']:<10s} seeds "
-            f"{seeds}: target {100 * sum(r['target_accuracy'] for r in rows) / len(rows):.1f}%"
-            f" ({time.time() - t0:.0f} s)")
-    return rows
+    return L.student_rows(cfg, entry, terms, splits, t, student, res, time.time() - t0)
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ SIGNAL_SHIFTS = {"mnist1d_domains", "spurious_mnist1d"}
 # Keys that plan the grid or say where things go: not part of a cell's identity.
 PLAN_KEYS = ("shifts", "run_methods", "seeds", "methods", "shift_options", "models",
              "num_devices", "algorithms", "robust_teachers", "robust_methods",
-             "broken_margin")
+             "broken_margin", "weight_grid")
 
 
 def parse_shift(spec: str) -> tuple[str, str | None]:
@@ -59,7 +59,28 @@ def resolve_entry(cfg) -> dict:
     entry["weight_rule"] = "entry" if "weight" in entry else "reference"
     entry["weight"] = float(entry.get("weight", cfg.method.weight))
     entry["methods"] = [dict(m) for m in entry["methods"]]
+    if entry["weight_rule"] == "reference" and any(
+            "weight" not in m and methods.get(m["name"]).default_weight > 1
+            for m in entry["methods"]):
+        # reference weights > 1 were set for CIFAR feature scales (FitNet 100, AT 1000,
+        # SP 3000, ...): lambda is multiplied by the best of config.weight_grid on val
+        entry["weight_rule"] = "val_grid"
+        entry["weight_grid"] = [float(g) for g in cfg.weight_grid]
     return entry
+
+
+def grid_entries(entry) -> list[dict]:
+    """One entry per candidate weight (``weight`` x each multiplier of ``weight_grid``;
+    the entry itself when it has no grid)."""
+    return [{**entry, "weight": entry["weight"] * g, "grid_multiplier": g}
+            for g in entry["weight_grid"]] if "weight_grid" in entry else [entry]
+
+
+def select_on_val(candidates) -> tuple[int, list[float]]:
+    """Index of the candidate (a list of per-seed rows) with the highest mean val
+    accuracy over seeds (first on ties), and every candidate's mean val accuracy."""
+    means = [float(np.mean([r["val_accuracy"] for r in rows])) for rows in candidates]
+    return int(np.argmax(means)), means
 
 
 def shift_options(cfg, name: str) -> dict:
@@ -294,11 +315,27 @@ def student_row(cfg, entry, terms, splits, t, m, best, val_gain, seconds) -> dic
         "target_spurious_rate": tgt.get("spurious_rate"),
         "best_epoch": best["epoch"], "epochs": cfg.student.epochs,
         "val_gain_last_quarter": val_gain, "weight": entry["weight"],
-        "weight_rule": entry["weight_rule"], "global_batch_size": cfg.student.batch_size,
+        "weight_rule": entry["weight_rule"],
+        "weight_multiplier": entry.get("grid_multiplier", 1.0), "global_batch_size": cfg.student.batch_size,
         "train_examples": len(splits["train"]), "prune": cfg.prune.to_dict(),
         "student": mc.student,
         "teacher_model": mc.teacher, "loss_terms": terms, "augment": entry["augment"],
         **t["metrics"], "train_seconds": seconds}
+
+
+def student_rows(cfg, entry, terms, splits, t, student, res, seconds) -> list[dict]:
+    """One row per seed of a :func:`kdjax.train.fit` result ``res``: the val-selected
+    checkpoints evaluated on val, test_in and the target."""
+    corr, epochs = is_correlation(cfg.shift), cfg.student.epochs
+    variables = stack([{"params": bb["params"], **({"batch_stats": bb["batch_stats"]}
+                                                   if bb["batch_stats"] else {})}
+                       for bb in res.best])
+    logits = {s: logits_fn(student)(variables, splits[s].x)
+              for s in ("val", "test_in", "test_target")}
+    return [student_row(cfg, entry, terms, splits, t, {
+        s: split_metrics(logits[s][i], splits[s], t["logits"][s], corr and s != "val")
+        for s in logits}, best, val_gain_last_quarter(res.history, i, epochs), seconds)
+        for i, best in enumerate(res.best)]
 
 
 def val_gain_last_quarter(history, seed_index: int, epochs: int) -> float:

@@ -147,6 +147,23 @@ def _convergence(rows, methods, shifts) -> str:
     return "\n".join(lines)
 
 
+def _weights(rows) -> str:
+    """The ``val_grid`` choices: per cell, the multiplier kept and each candidate's mean
+    val accuracy (the rows carry them; the target is never read)."""
+    lines = ["| shift | teacher | method | multiplier kept | mean val accuracy per "
+             "multiplier |", "|---|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        key = (r["shift"], r["teacher"], r["method"])
+        if r.get("weight_rule") == "val_grid" and "weight_grid_val" in r and key not in seen:
+            seen.add(key)
+            grid = r["config"]["weight_grid"]
+            vals = ", ".join(f"x{g:g}: {100 * v:.1f}" for g, v in zip(grid, r["weight_grid_val"]))
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | x{r['weight_multiplier']:g} "
+                         f"| {vals} |")
+    return "\n".join(lines) if seen else ""
+
+
 def _robust(rows, methods, shifts) -> str:
     lines = ["| shift | method | robust teacher | " + " | ".join(
         f"{k.replace('target_', '').replace('_', ' ')}: ERM / robust / diff [95% CI]"
@@ -188,7 +205,9 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
         f"split ({100 * cfg.val_fraction:.0f}% of each training domain), never the "
         f"target. Loss: {cfg.ce_weight} CE + {cfg.kd_weight} KD (tau {cfg.temperature}) + "
         f"lambda x method; weight rule recorded per row (`weight_rule`: reference = "
-        f"{cfg.method.weight} x the method's reference weight). † = broken student "
+        f"{cfg.method.weight} x the method's reference weight; val_grid = methods whose "
+        f"reference weight is > 1, lambda x the multiplier of {list(cfg.weight_grid)} with "
+        f"the best mean val accuracy). † = broken student "
         f"(in-domain accuracy more than {100 * cfg.broken_margin:.0f} points below the CE "
         f"student's on that shift): shown, not ranked, left out of the mean rank. "
         f"Wall time of this run (incl. data and teachers): {seconds:.0f} s."])
@@ -215,6 +234,8 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
                   "(robust - ERM, paired over seeds)", "",
                   _robust(rows, list(cfg.robust_methods), corr), ""]
     parts += ["## Convergence (ERM teacher)", "", _convergence(rows, methods, shifts), ""]
+    if _weights(rows):
+        parts += ["## Method weights chosen on val (rule `val_grid`)", "", _weights(rows), ""]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     erm = [r for r in rows if r["teacher"] == "erm"]

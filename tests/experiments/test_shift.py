@@ -120,6 +120,29 @@ def test_cell_identity_is_the_cell_only():
     assert config_hash(L.cell_identity(_cell("fitnet", temperature=2.0))) != base
 
 
+def test_weight_grid_rule_entries_and_val_selection():
+    # reference weight > 1 (FitNet 100): a val grid; reference weight 1 (RKD), an entry's
+    # weight set in the method config (DKD) or no method term (KD): no grid
+    fit = L.resolve_entry(_cell("fitnet", weight_grid=[1.0, 0.1, 0.01]))
+    assert fit["weight_rule"] == "val_grid" and fit["weight_grid"] == [1.0, 0.1, 0.01]
+    assert [e["weight"] for e in L.grid_entries(fit)] == pytest.approx([0.4, 0.04, 0.004])
+    for name, rule in (("rkd", "reference"), ("dkd", "reference"), ("kd", "reference")):
+        e = L.resolve_entry(_cell(name))
+        assert e["weight_rule"] == rule and "weight_grid" not in e
+        assert L.grid_entries(e) == [e]
+    # the grid is a plan key: it changes the key of grid entries only
+    assert config_hash(L.cell_identity(_cell("rkd", weight_grid=[1.0, 0.5]))) == \
+        config_hash(L.cell_identity(_cell("rkd")))
+    assert config_hash(L.cell_identity(_cell("fitnet", weight_grid=[1.0, 0.5]))) != \
+        config_hash(L.cell_identity(_cell("fitnet")))
+    # selection: highest mean val accuracy over seeds, first on ties; target ignored
+    rows = lambda *v: [{"val_accuracy": a, "target_accuracy": 1.0 - a} for a in v]
+    best, means = L.select_on_val([rows(0.5, 0.7), rows(0.8, 0.6), rows(0.7, 0.7)])
+    assert best == 1 and means == pytest.approx([0.6, 0.7, 0.7])
+    with pytest.raises(ValueError, match=r"config.weight_grid must be a non-empty list"):
+        quick(weight_grid=[1.0, 0.0])
+
+
 def test_plan_orders_shift_outermost_and_adds_robust_teacher_cells():
     cfg = quick(shifts=["spurious_mnist1d", "rotated_digits:75"],
                 run_methods=["ce", "kd", "dkd"], robust_methods=["kd"], seeds=2)
@@ -215,6 +238,14 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
         assert r["config"]["teacher"]["algorithm"] == r["teacher"]
         assert 0.0 <= r["target_worst_group_accuracy"] <= r["target_average_group_accuracy"]
         assert r["global_batch_size"] == 128
+    # FitNet (reference weight 100) ran the quick grid x[1, 0.1]; the row is the best on val
+    for r in (r for r in rows if r["method"] == "fitnet"):
+        assert r["weight_rule"] == "val_grid" and len(r["weight_grid_val"]) == 2
+        g = [1.0, 0.1][int(np.argmax(r["weight_grid_val"]))]
+        assert r["weight_multiplier"] == g and r["weight"] == pytest.approx(0.4 * g)
+        fit_rows = [x for x in rows if x["method"] == "fitnet" and x["shift"] == r["shift"]]
+        assert np.mean([x["val_accuracy"] for x in fit_rows]) == pytest.approx(
+            max(r["weight_grid_val"]))
     # worst-group accuracy recomputed from per-group accuracy bounds the average
     text = open(tmp_path / "out" / "results.md").read()
     table = text.split("## Target-domain accuracy")[1].split("Difference to kd")[0]
@@ -223,6 +254,8 @@ def test_shift_end_to_end_table_metadata_and_resume(tmp_path, monkeypatch):
         assert line.count("±") == 2, line
     assert "kd+cutmix on spurious_mnist1d: skipped" in text
     assert "## Students of the ERM teacher vs of the best robust teacher" in text
+    assert "## Method weights chosen on val (rule `val_grid`)" in text
+    assert "| spurious_mnist1d | erm | fitnet | x" in text
     assert "| spurious_mnist1d | groupdro (robust pick) |" in text
     # the robust teacher differs from the ERM one (another objective, another model)
     t = {r["teacher_algorithm"]: r["teacher_val_accuracy"] for r in rows
