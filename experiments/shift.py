@@ -26,7 +26,7 @@ from experiments import shift_report
 from experiments.configs import shift as shift_config
 from kdjax import data as kdata
 from kdjax import experiment as kx
-from kdjax import methods, models
+from kdjax import methods
 from kdjax.train import (Checkpointer, Distiller, EvalSet, Evaluation, fit, make_mesh,
                          make_optimizer)
 from kdjax.train.pretrain import pretrain
@@ -67,9 +67,7 @@ def run_cells(cfg, seeds, ctx: L.Context | None = None) -> list[dict] | None:
     if not skip:
         tr = splits["train"]
         t = L.teacher(ctx, cfg, splits)
-        mc = cfg.models[kind]
-        student = models.create(mc.student, tr.num_classes,
-                                **L._tuples(mc.student_kwargs.to_dict()))
+        student = L.student_model(cfg, entry, tr.num_classes)
         shapes = [jax.eval_shape(lambda x: student.init_with_output(
             jax.random.PRNGKey(0), x, train=False)[0], tr.x[:2]), jax.eval_shape(
             lambda x: t["module"].apply(t["variables"], x, train=False), tr.x[:2])]

@@ -155,6 +155,14 @@ def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def student_model(cfg, entry, num_classes: int):
+    """The cell's student network: ``config.models[kind]``'s options updated with the
+    entry's ``student_kwargs`` (``kd+mixstyle``: MixStyle layers)."""
+    mc = cfg.models[input_kind(parse_shift(cfg.shift)[0])]
+    return models.create(mc.student, num_classes, **_tuples(
+        {**mc.student_kwargs.to_dict(), **entry.get("student_kwargs", {})}))
+
+
 def stack(trees):
     return jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees)
 
@@ -319,6 +327,7 @@ def student_row(cfg, entry, terms, splits, t, m, best, val_gain, seconds) -> dic
         "weight_multiplier": entry.get("grid_multiplier", 1.0), "global_batch_size": cfg.student.batch_size,
         "train_examples": len(splits["train"]), "prune": cfg.prune.to_dict(),
         "student": mc.student,
+        **({"student_kwargs": entry["student_kwargs"]} if "student_kwargs" in entry else {}),
         "teacher_model": mc.teacher, "loss_terms": terms, "augment": entry["augment"],
         **t["metrics"], "train_seconds": seconds}
 

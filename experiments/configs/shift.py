@@ -23,7 +23,9 @@ every candidate's val accuracy. Entries with ``"kd": False`` drop the KD term: l
 logit-standardised KD, DIST) enter as ``0.6 CE + 0.4 * L_method`` with ``w = 1``. The
 ``ce`` entry is the CE-only student (``ce_weight`` only, rescaled to 1). ``augment``
 adds a data manipulation (``kdjax.data.get_augmentation``) to KD; teacher and student
-see the same augmented view.
+see the same augmented view. ``student_kwargs`` are added to the student's model options
+for that entry (``kd+mixstyle``: MixStyle layers inside the student, which only the
+student's training forward pass applies).
 
 Deviations forced by our scale (stated in the report): CRD and SEED use smaller queues
 (4096) than the reference (16384 / 65536) since the training sets have a few thousand
@@ -86,6 +88,9 @@ METHODS = [
     {"name": "kd+randaugment", "methods": [],
      "augment": {"name": "randaugment", "num_ops": 2, "magnitude": 0.5}},
     {"name": "kd+domainmix", "methods": [], "augment": {"name": "domainmix", "alpha": 0.2}},
+    # MixStyle (kdjax.models.mixstyle; reference p 0.5, alpha 0.1) in the student after
+    # its first stage (the reference: after ResNet's first two of four stages)
+    {"name": "kd+mixstyle", "methods": [], "student_kwargs": {"mixstyle": [1]}},
 ]
 
 # The quick relation method is SP (B x B Gram matrices), not RKD: RKD's angle term costs
@@ -193,7 +198,7 @@ def _check_entry(entry):
     if not isinstance(entry, dict) or "name" not in entry or "methods" not in entry:
         raise ValueError(f"each entry of config.methods needs 'name' and 'methods' (a list "
                          f"of method configs), got {entry!r}.")
-    valid = {"name", "methods", "kd", "augment", "images_only", "weight"}
+    valid = {"name", "methods", "kd", "augment", "images_only", "weight", "student_kwargs"}
     unknown = sorted(set(entry) - valid)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in method entry {entry['name']!r}; "

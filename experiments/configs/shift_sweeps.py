@@ -12,9 +12,8 @@ and run a printed command as it is (results under ``--out``: ``sweep.jsonl``,
   GraNd scores (``kdjax.data.pruning``; scores from the cell's trained teacher), keep
   ratios 0.5 and 0.75, KD student, every quick shift.
 * ``augmentation``: KD with each data manipulation of the catalogue (Gaussian noise,
-  mixup, CutMix on images, RandAugment-lite, DomainMix across source domains). MixStyle
-  (feature-statistics mixing inside the network) is not implemented: it needs a model
-  hook between stages that kdjax's models do not expose yet.
+  mixup, CutMix on images, RandAugment-lite, DomainMix across source domains) and
+  MixStyle (feature-statistics mixing inside the student, ``kdjax.models.MixStyle``).
 * ``optimizer``: SGD with momentum 0.9 (lr 0.05, cosine) vs AdamW (lr 3e-3, cosine),
   KD student.
 """
@@ -38,7 +37,7 @@ SWEEPS = {
                        "--out runs/sweeps/pruning"],
     "augmentation": BASE + [
         _shift_sweep(), "--sweep \"method.name='kd','kd+noise','kd+mixup','kd+randaugment',"
-        "'kd+domainmix'\"", "--out runs/sweeps/augmentation"],
+        "'kd+domainmix','kd+mixstyle'\"", "--out runs/sweeps/augmentation"],
     "augmentation_images": BASE + [
         _shift_sweep(["coloured_digits", "rotated_digits:75"]),
         "--sweep \"method.name='kd+cutmix'\"", "--out runs/sweeps/augmentation_images"],

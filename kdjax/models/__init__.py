@@ -4,8 +4,8 @@ Named architectures (``create(name, num_classes=...)``):
 
 =================  ==========================================================
 ``mlp``            :class:`MLP` (``hidden`` option)
-``cnn1d``          :class:`CNN1D` (``channels``, ``kernel_size``, ``use_bn``)
-``cnn2d``          :class:`CNN2D` (``channels``, ``use_bn``)
+``cnn1d``          :class:`CNN1D` (``channels``, ``kernel_size``, ``use_bn``, ``mixstyle``)
+``cnn2d``          :class:`CNN2D` (``channels``, ``use_bn``, ``mixstyle``)
 ``resnet{d}``      CIFAR ResNet, depth ``d`` in 8, 14, 20, 32, 44, 56, 110
 ``resnet{d}x4``    RepDistiller's 4x-wide variants (``resnet8x4``, ``resnet32x4``)
 ``wrn_{d}_{k}``    Wide ResNet (``wrn_40_2``, ``wrn_16_2``, ...)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 from kdjax.models.capture import available_paths, with_features
+from kdjax.models.mixstyle import MixStyle, mix_statistics
 from kdjax.models.nets import CNN1D, CNN2D, MLP
 from kdjax.models.resnet import ResNet, WideResNet
 from kdjax.models.torchvision import TorchvisionResNet
@@ -26,7 +27,7 @@ from kdjax.models.wrap import FromNNX, Wrapped, from_nnx, wrap, wrap_variables
 
 __all__ = ["MLP", "CNN1D", "CNN2D", "ResNet", "WideResNet", "TorchvisionResNet", "create",
            "check_name", "names", "with_features", "available_paths", "wrap", "from_nnx",
-           "wrap_variables", "Wrapped", "FromNNX"]
+           "wrap_variables", "Wrapped", "FromNNX", "MixStyle", "mix_statistics"]
 
 _SIMPLE = {"mlp": MLP, "cnn1d": CNN1D, "cnn2d": CNN2D}
 

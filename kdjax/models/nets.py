@@ -17,6 +17,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.models.mixstyle import MixStyle
+
 __all__ = ["MLP", "CNN1D", "CNN2D"]
 
 
@@ -24,6 +26,16 @@ def _norm(use_bn: bool, train: bool, dtype):
     if use_bn:
         return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
     return lambda x: x
+
+
+def _mixstyle_after(stages: Sequence[int], num_stages: int, model: str) -> frozenset:
+    """Checks ``mixstyle`` (stage indices, from 1, each followed by a :class:`MixStyle`
+    layer in training; never after the last stage, whose output feeds the head)."""
+    valid = list(range(1, num_stages))
+    if any(not isinstance(s, int) or s not in valid for s in stages):
+        raise ValueError(f"{model}: mixstyle must list stage indices in {valid} (a MixStyle "
+                         f"layer after each; not after the last stage), got {list(stages)}.")
+    return frozenset(stages)
 
 
 class MLP(nn.Module):
@@ -52,7 +64,9 @@ class MLP(nn.Module):
 class CNN1D(nn.Module):
     """1-D CNN for MNIST-1D style signals ``(B, L)`` or ``(B, L, C)``.
 
-    Each stage: ``Conv(k) -> [BN] -> ReLU`` then, except the last, ``avg_pool(2)``.
+    Each stage: ``Conv(k) -> [BN] -> ReLU`` then, except the last, ``avg_pool(2)``;
+    ``mixstyle`` lists the stages followed by a :class:`~kdjax.models.mixstyle.MixStyle`
+    layer in training (the features are the stage outputs before mixing).
     The embedding is global average pooling over positions. Features ``"stage{i}"``
     (``(B, L_i, C_i)``) and ``"pooled"`` (``(B, C_last)``).
     """
@@ -61,6 +75,7 @@ class CNN1D(nn.Module):
     channels: Sequence[int] = (32, 64, 128)
     kernel_size: int = 5
     use_bn: bool = True
+    mixstyle: Sequence[int] = ()
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -68,11 +83,14 @@ class CNN1D(nn.Module):
         h = x[..., None] if x.ndim == 2 else x
         h = h.astype(self.dtype)
         features = {}
+        mix = _mixstyle_after(self.mixstyle, len(self.channels), "CNN1D")
         for i, ch in enumerate(self.channels, start=1):
             h = nn.Conv(ch, (self.kernel_size,), padding="SAME", use_bias=not self.use_bn,
                         dtype=self.dtype, name=f"conv{i}")(h)
             h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
             features[f"stage{i}"] = h
+            if i in mix:
+                h = MixStyle(name=f"mixstyle{i}")(h, train)
             if i < len(self.channels):
                 h = nn.avg_pool(h, (2,), strides=(2,))
         pooled = jnp.mean(h, axis=1)
@@ -84,7 +102,8 @@ class CNN1D(nn.Module):
 class CNN2D(nn.Module):
     """Small 2-D CNN for digits/MNIST-size images ``(B, H, W, C)``.
 
-    Each stage: ``Conv3x3 -> [BN] -> ReLU`` and, except the last, ``avg_pool(2x2)``;
+    Each stage: ``Conv3x3 -> [BN] -> ReLU`` and, except the last, ``avg_pool(2x2)``
+    (``mixstyle``: stages followed by a MixStyle layer in training, as in CNN1D);
     global average pooling gives ``"pooled"``. Features ``"stage{i}"`` ``(B, H_i, W_i,
     C_i)`` and ``"pooled"``.
     """
@@ -92,17 +111,21 @@ class CNN2D(nn.Module):
     num_classes: int
     channels: Sequence[int] = (32, 64)
     use_bn: bool = True
+    mixstyle: Sequence[int] = ()
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         h = x.astype(self.dtype)
         features = {}
+        mix = _mixstyle_after(self.mixstyle, len(self.channels), "CNN2D")
         for i, ch in enumerate(self.channels, start=1):
             h = nn.Conv(ch, (3, 3), padding="SAME", use_bias=not self.use_bn,
                         dtype=self.dtype, name=f"conv{i}")(h)
             h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
             features[f"stage{i}"] = h
+            if i in mix:
+                h = MixStyle(name=f"mixstyle{i}")(h, train)
             if i < len(self.channels):
                 h = nn.avg_pool(h, (2, 2), strides=(2, 2))
         pooled = jnp.mean(h, axis=(1, 2))

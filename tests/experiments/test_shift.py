@@ -120,6 +120,27 @@ def test_cell_identity_is_the_cell_only():
     assert config_hash(L.cell_identity(_cell("fitnet", temperature=2.0))) != base
 
 
+def test_student_kwargs_entry_builds_a_mixstyle_student_and_keys_the_cell():
+    cfg = _cell("kd+mixstyle", shift="rotated_digits:75")
+    entry = L.resolve_entry(cfg)
+    assert entry["student_kwargs"] == {"mixstyle": [1]} and entry["augment"] is None
+    assert config_hash(L.cell_identity(cfg)) != config_hash(L.cell_identity(_cell("kd")))
+    net = L.student_model(cfg, entry, 10)
+    plain = L.student_model(cfg, L.resolve_entry(_cell("kd")), 10)
+    assert net.mixstyle == (1,) and plain.mixstyle == () and net.channels == plain.channels
+    x = jax.numpy.ones((4, 8, 8, 1))
+    v = net.init(jax.random.PRNGKey(0), x)
+    outs = [net.apply(v, x * jax.numpy.arange(4.0)[:, None, None, None] + 1, train=True,
+                      mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(k)})[0][0]
+            for k in range(6)]
+    assert any(not np.allclose(outs[0], o) for o in outs[1:])  # MixStyle is live
+    bad = _cell("kd")
+    with bad.unlocked():
+        bad.methods = bad.methods + [{"name": "x", "methods": [], "student_kwarg": {}}]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['student_kwarg'\]"):
+        C.validate(bad)
+
+
 def test_weight_grid_rule_entries_and_val_selection():
     # reference weight > 1 (FitNet 100): a val grid; reference weight 1 (RKD), an entry's
     # weight set in the method config (DKD) or no method term (KD): no grid
