@@ -38,6 +38,28 @@ def _mixstyle_after(stages: Sequence[int], num_stages: int, model: str) -> froze
     return frozenset(stages)
 
 
+def _conv_stages(net, h, kernel: tuple, train: bool):
+    """The stages and head of :class:`CNN1D` / :class:`CNN2D` (called in ``net``'s
+    compact ``__call__``, so the submodules are ``net``'s): per stage ``i``
+    ``conv{i} -> [BN] -> ReLU`` (``features["stage{i}"]``), a MixStyle layer where
+    ``net.mixstyle`` asks, average pooling by 2 except after the last; global average
+    pooling (``"pooled"``) and the ``head``. Returns ``(logits, features)``."""
+    features, n = {}, len(net.channels)
+    mix = _mixstyle_after(net.mixstyle, n, type(net).__name__)
+    for i, ch in enumerate(net.channels, start=1):
+        h = nn.Conv(ch, kernel, padding="SAME", use_bias=not net.use_bn, dtype=net.dtype,
+                    name=f"conv{i}")(h)
+        h = nn.relu(_norm(net.use_bn, train, net.dtype)(h))
+        features[f"stage{i}"] = h
+        if i in mix:
+            h = MixStyle(name=f"mixstyle{i}")(h, train)
+        if i < n:
+            h = nn.avg_pool(h, (2,) * len(kernel), strides=(2,) * len(kernel))
+    features["pooled"] = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+    logits = nn.Dense(net.num_classes, dtype=net.dtype, name="head")(features["pooled"])
+    return logits, features
+
+
 class MLP(nn.Module):
     """Multi-layer perceptron: ``Dense -> ReLU`` per hidden layer, then a classifier.
 
@@ -81,22 +103,7 @@ class CNN1D(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         h = x[..., None] if x.ndim == 2 else x
-        h = h.astype(self.dtype)
-        features = {}
-        mix = _mixstyle_after(self.mixstyle, len(self.channels), "CNN1D")
-        for i, ch in enumerate(self.channels, start=1):
-            h = nn.Conv(ch, (self.kernel_size,), padding="SAME", use_bias=not self.use_bn,
-                        dtype=self.dtype, name=f"conv{i}")(h)
-            h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
-            features[f"stage{i}"] = h
-            if i in mix:
-                h = MixStyle(name=f"mixstyle{i}")(h, train)
-            if i < len(self.channels):
-                h = nn.avg_pool(h, (2,), strides=(2,))
-        pooled = jnp.mean(h, axis=1)
-        features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
-        return logits, features
+        return _conv_stages(self, h.astype(self.dtype), (self.kernel_size,), train)
 
 
 class CNN2D(nn.Module):
@@ -116,19 +123,4 @@ class CNN2D(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        h = x.astype(self.dtype)
-        features = {}
-        mix = _mixstyle_after(self.mixstyle, len(self.channels), "CNN2D")
-        for i, ch in enumerate(self.channels, start=1):
-            h = nn.Conv(ch, (3, 3), padding="SAME", use_bias=not self.use_bn,
-                        dtype=self.dtype, name=f"conv{i}")(h)
-            h = nn.relu(_norm(self.use_bn, train, self.dtype)(h))
-            features[f"stage{i}"] = h
-            if i in mix:
-                h = MixStyle(name=f"mixstyle{i}")(h, train)
-            if i < len(self.channels):
-                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-        pooled = jnp.mean(h, axis=(1, 2))
-        features["pooled"] = pooled
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
-        return logits, features
+        return _conv_stages(self, x.astype(self.dtype), (3, 3), train)

@@ -263,6 +263,19 @@ def student_scores(model_fn: Callable[[Any, Any], Any], params: Any,
                             matvec=matvec, method=method, damping=damping, **options)
 
 
+def _scorer_data(train_data, val_data, curvature, curvature_examples, curvature_seed):
+    """The scorers' inputs: ``(train without "weights", val, N, idx)`` as device arrays,
+    ``idx`` the sorted fixed random subset (``curvature_seed``) of
+    ``min(curvature_examples, N)`` training rows that the curvature uses."""
+    check_choice(curvature, "curvature", CURVATURES)
+    train = {k: jnp.asarray(v) for k, v in train_data.items() if k != "weights"}
+    val = {k: jnp.asarray(v) for k, v in val_data.items()}
+    n = train["x"].shape[0]
+    idx = np.sort(np.random.default_rng(curvature_seed).permutation(n)[
+        :min(curvature_examples, n)])
+    return train, val, n, idx
+
+
 def make_scorer(distiller: Distiller, train_data: Mapping[str, Any],
                 val_data: Mapping[str, Any], *, objective: Callable,
                 curvature: str = "ggn", curvature_examples: int = 1024,
@@ -276,12 +289,8 @@ def make_scorer(distiller: Distiller, train_data: Mapping[str, Any],
     the current weights, which enter the curvature of the weighted objective).
     ``train_data`` must not contain ``"weights"``; pass them to the scorer.
     """
-    check_choice(curvature, "curvature", CURVATURES)
-    train = {k: jnp.asarray(v) for k, v in train_data.items() if k != "weights"}
-    val = {k: jnp.asarray(v) for k, v in val_data.items()}
-    n = train["x"].shape[0]
-    idx = np.sort(np.random.default_rng(curvature_seed).permutation(n)[
-        :min(curvature_examples, n)])
+    train, val, n, idx = _scorer_data(train_data, val_data, curvature,
+                                      curvature_examples, curvature_seed)
     module = distiller.student
 
     @jax.jit
@@ -516,12 +525,8 @@ def make_joint_scorer(teacher_module, student_module, train_data: Mapping[str, A
     fixed random subset of ``curvature_examples`` rows (``curvature_seed``), so a score
     is a deterministic function of the two networks and the weights. Jitted once.
     """
-    check_choice(curvature, "curvature", CURVATURES)
-    train = {k: jnp.asarray(v) for k, v in train_data.items() if k != "weights"}
-    val = {k: jnp.asarray(v) for k, v in val_data.items()}
-    n = train["x"].shape[0]
-    idx = np.sort(np.random.default_rng(curvature_seed).permutation(n)[
-        :min(curvature_examples, n)])
+    train, val, n, idx = _scorer_data(train_data, val_data, curvature,
+                                      curvature_examples, curvature_seed)
     obj = functools.partial(distill_losses, **objective)
 
     @jax.jit
