@@ -90,7 +90,7 @@ def get_config(variant: str = "digits"):
     c.eval = ml_collections.ConfigDict()
     c.eval.num_points = 200          # teacher-correct test points for gaps/certificates
     c.eval.crown_points = 50         # CROWN on the first of them (full CROWN is costly)
-    c.eval.crown_method = "crown"    # "crown" (CROWN intermediates) or "crown-ibp"
+    c.eval.crown_method = "crown"    # "crown", "alpha-crown" (optimised slopes) or "crown-ibp"
     c.eval.pgd_steps = 20
     c.eval.pgd_restarts = 2
     c.eval.delta = (0.05, 0.1, 0.2)
@@ -138,9 +138,9 @@ def validate(c):
         raise ValueError(f"config.eval.num_points must be >= 1 and config.eval.crown_points "
                          f"in [0, num_points], got {c.eval.num_points} and "
                          f"{c.eval.crown_points}.")
-    if c.eval.crown_method not in ("crown", "crown-ibp"):
-        raise ValueError(f"config.eval.crown_method must be 'crown' or 'crown-ibp', got "
-                         f"{c.eval.crown_method!r}.")
+    if c.eval.crown_method not in ("crown", "alpha-crown", "crown-ibp"):
+        raise ValueError(f"config.eval.crown_method must be 'crown', 'alpha-crown' or "
+                         f"'crown-ibp', got {c.eval.crown_method!r}.")
     if not c.eval.eps or any(e <= 0 for e in c.eval.eps):
         raise ValueError(f"config.eval.eps must be a non-empty list of radii > 0, got "
                          f"{c.eval.eps}.")

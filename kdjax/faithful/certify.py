@@ -26,6 +26,8 @@ from kdjax.faithful.metrics import _check_fns, gap_objective, teacher_labels
 from kdjax.losses._utils import reduce_per_example
 
 __all__ = [
+    "BOUND_METHODS",
+    "bounds_by_method",
     "MarginBounds",
     "margin_bounds",
     "probability_bounds",
@@ -65,6 +67,27 @@ def _margin_specs(labels, k):
     return jnp.concatenate([teacher, student, student - teacher], axis=1)
 
 
+#: The bound methods of :func:`bounds_by_method` (and of margin_bounds, certify, ...).
+BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+#: alpha-CROWN's optimisation steps here (auto_LiRPA's default iteration count).
+ALPHA_STEPS = 20
+
+
+def bounds_by_method(fn: Callable, x: chex.Array, eps: chex.Numeric, method: str, *,
+                     clip=None, C=None, batch_chunk: int | None = None):
+    """``(lower, upper)`` of ``C fn(x')`` over the ball by ``method``: ``"ibp"``
+    (:func:`~kdjax.faithful.bounds.ibp_bounds`, the affine tail folded into ``C``),
+    ``"crown-ibp"`` / ``"crown"`` (:func:`~kdjax.faithful.bounds.crown_bounds` with IBP or
+    CROWN intermediate bounds) or ``"alpha-crown"`` (CROWN with the ReLU slopes of the
+    final pass optimised, :data:`ALPHA_STEPS` steps; never looser than ``"crown"``)."""
+    check_choice(method, "method", BOUND_METHODS)
+    if method == "ibp":
+        return ibp_bounds(fn, x, eps, clip=clip, C=C, batch_chunk=batch_chunk)
+    return crown_bounds(fn, x, eps, clip=clip, C=C, batch_chunk=batch_chunk,
+                        intermediate="ibp" if method == "crown-ibp" else "crown",
+                        alpha_steps=ALPHA_STEPS if method == "alpha-crown" else 0)
+
+
 def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
                   eps: chex.Numeric, method: str = "crown", clip=None,
                   labels: chex.Array | None = None,
@@ -75,9 +98,8 @@ def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
     rows per example: ``z^T_y - z^T_j``, ``z^S_y - z^S_j`` and their difference
     ``(z^S_y - z^S_j) - (z^T_y - z^T_j)`` (the cross-network bound is what makes the gap
     bound 0 for identical networks; CROWN tightens it further by relaxing both networks
-    in one backward pass). ``method``: ``"ibp"`` (:func:`kdjax.faithful.bounds.ibp_bounds` with the
-    affine tail folded into the specification), ``"crown-ibp"`` or ``"crown"``
-    (:func:`kdjax.faithful.bounds.crown_bounds` with IBP or CROWN intermediate bounds).
+    in one backward pass). ``method``: one of :data:`BOUND_METHODS`
+    (:func:`bounds_by_method`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -91,7 +113,7 @@ def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
       teacher_fn, student_fn: ``x -> logits [B, K]`` made of operations supported by
         :mod:`kdjax.faithful.bounds`.
       x: ``[B, ...]`` clean inputs; eps: radius ``>= 0``; clip: data range.
-      method: ``"crown"`` (default), ``"crown-ibp"`` or ``"ibp"``.
+      method: ``"crown"`` (default), ``"alpha-crown"``, ``"crown-ibp"`` or ``"ibp"``.
       labels: optional ``[B]`` labels (default: the teacher's labels at ``x``).
       batch_chunk: see :func:`kdjax.faithful.bounds.ibp_bounds`.
 
@@ -100,17 +122,14 @@ def margin_bounds(teacher_fn: Callable, student_fn: Callable, x: chex.Array, *,
     """
     check_ball(x, eps, clip)
     k = _check_fns(teacher_fn, student_fn, x)
-    check_choice(method, "method", ("ibp", "crown-ibp", "crown"))
+    check_choice(method, "method", BOUND_METHODS)
     y = labels if labels is not None else teacher_labels(teacher_fn(x))
     if labels is not None:
         check_labels(labels, "labels", k, batch=x.shape[0])
     joint = lambda xp: jnp.concatenate([teacher_fn(xp), student_fn(xp)], axis=-1)  # noqa
     spec = _margin_specs(y, k)
-    if method == "ibp":
-        lo, up = ibp_bounds(joint, x, eps, clip=clip, C=spec, batch_chunk=batch_chunk)
-    else:
-        lo, up = crown_bounds(joint, x, eps, clip=clip, C=spec, batch_chunk=batch_chunk,
-                              intermediate="crown" if method == "crown" else "ibp")
+    lo, up = bounds_by_method(joint, x, eps, method, clip=clip, C=spec,
+                              batch_chunk=batch_chunk)
     ymask = jax.nn.one_hot(y, k, dtype=bool)
     fix = lambda v: jnp.where(ymask, 0.0, v)  # noqa: E731  (exact zeros at j = y)
     return MarginBounds(y, fix(lo[:, :k]), fix(up[:, :k]), fix(lo[:, k:2 * k]),
@@ -355,7 +374,7 @@ def worst_case_logits(fn: Callable, x: chex.Array, labels: chex.Array, *,
       ``[B, K]`` float32.
     """
     check_ball(x, eps, clip)
-    check_choice(method, "method", ("ibp", "crown-ibp", "crown"))
+    check_choice(method, "method", BOUND_METHODS)
     z = jax.eval_shape(fn, x)
     if len(z.shape) != 2 or z.shape[0] != x.shape[0]:
         raise ValueError(f"fn(x) must return logits of shape [{x.shape[0]}, K], got "
@@ -364,9 +383,5 @@ def worst_case_logits(fn: Callable, x: chex.Array, labels: chex.Array, *,
     check_labels(labels, "labels", k, batch=x.shape[0])
     spec = jax.nn.one_hot(labels, k, dtype=jnp.float32)[:, None, :] - \
         jnp.eye(k, dtype=jnp.float32)[None]
-    if method == "ibp":
-        lo, _ = ibp_bounds(fn, x, eps, clip=clip, C=spec, batch_chunk=batch_chunk)
-    else:
-        lo, _ = crown_bounds(fn, x, eps, clip=clip, C=spec, batch_chunk=batch_chunk,
-                             intermediate="crown" if method == "crown" else "ibp")
+    lo, _ = bounds_by_method(fn, x, eps, method, clip=clip, C=spec, batch_chunk=batch_chunk)
     return jnp.where(jax.nn.one_hot(labels, k, dtype=bool), 0.0, -lo)

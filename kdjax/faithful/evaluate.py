@@ -66,9 +66,10 @@ def gap_evaluator(teacher_fn: Callable, student_fn: Callable, *, steps: int = 20
 
     ``teacher_fn``: ``x -> logits``; ``student_fn``: ``(variables, x) -> logits``. The
     student's variables are an argument, so all students of one architecture share one
-    compilation. ``crown_method``: ``"crown"`` or ``"crown-ibp"``.
+    compilation. ``crown_method``: ``"crown"``, ``"alpha-crown"`` (optimised ReLU slopes,
+    never looser than CROWN) or ``"crown-ibp"``.
     """
-    check_choice(crown_method, "crown_method", ("crown", "crown-ibp"))
+    check_choice(crown_method, "crown_method", ("crown", "alpha-crown", "crown-ibp"))
     if isinstance(crown_points, bool) or not isinstance(crown_points, int) or crown_points < 0:
         raise ValueError(f"crown_points must be an int >= 0, got {crown_points!r}.")
     t_fn = lambda x: teacher_fn(x).astype(jnp.float32)  # noqa: E731

@@ -80,7 +80,8 @@ def case(request):
     def all_bounds(x, eps):  # eps traced: one compilation serves eps and eps = 0
         return {"ibp": ibp_bounds(fn, x, eps, clip=clip),
                 "crown": crown_bounds(fn, x, eps, clip=clip),
-                "crown-ibp": crown_bounds(fn, x, eps, clip=clip, intermediate="ibp")}
+                "crown-ibp": crown_bounds(fn, x, eps, clip=clip, intermediate="ibp"),
+                "alpha-crown": crown_bounds(fn, x, eps, clip=clip, alpha_steps=20)}
 
     xs = _samples(x, eps, 48, jax.random.key(7), clip)
     ys = jax.jit(jax.vmap(fn))(xs)
@@ -91,7 +92,7 @@ def case(request):
 
 def test_bounds_contain_random_points(case):
     name, fn, x, eps, b, ys = case
-    for method in ("ibp", "crown", "crown-ibp"):
+    for method in ("ibp", "crown", "crown-ibp", "alpha-crown"):
         lo, up = b[method]
         assert lo.shape == up.shape == ys.shape[1:]
         assert bool(jnp.all(lo <= up + TOL)), (name, method)
@@ -109,10 +110,19 @@ def test_crown_tighter_than_ibp_on_average(case):
     print(f"{name}: width ratio CROWN/IBP = {w['crown'] / w['ibp']:.3f}")
 
 
+def test_alpha_crown_never_looser_than_crown_and_tighter_on_average(case):
+    name, _, _, _, b, _ = case
+    (lc, uc), (la, ua) = b["crown"], b["alpha-crown"]
+    assert bool(jnp.all(la >= lc)) and bool(jnp.all(ua <= uc)), name
+    w_c, w_a = float(jnp.mean(uc - lc)), float(jnp.mean(ua - la))
+    assert w_a < 0.995 * w_c, (name, w_a, w_c)  # the optimised slopes must help
+    print(f"{name}: width ratio alpha-CROWN/CROWN = {w_a / w_c:.3f}")
+
+
 def test_eps_zero_is_tight(case):
     _, fn, x, _, b, _ = case
     z = fn(x)
-    for key in ("ibp_eps0", "crown_eps0", "crown-ibp_eps0"):
+    for key in ("ibp_eps0", "crown_eps0", "crown-ibp_eps0", "alpha-crown_eps0"):
         lo, up = b[key]
         np.testing.assert_allclose(lo, z, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(up, z, rtol=1e-5, atol=1e-5)
@@ -240,6 +250,45 @@ def test_relu_relaxation_closed_form():
     lo, up = crown_bounds(lambda z: jnp.maximum(z, 0.0), jnp.array([[1.0]]), 2.0)
     np.testing.assert_allclose(lo, [[0.0]])
     np.testing.assert_allclose(up, [[3.0]])
+
+
+def test_alpha_crown_closed_form_and_errors():
+    # relu(a) - 0.3 a on [-1, 2] has the range [0, 1.4]. CROWN-Ada's lower line of the
+    # ReLU is a (u > -l): 0.7 a >= -0.7, intersected with IBP's -0.6; the best slope 0.3
+    # gives 0 exactly, and projected Adam must come close to it (never below the truth).
+    fn = lambda z: jnp.maximum(z, 0.0) - 0.3 * z  # noqa: E731
+    x = jnp.array([[0.5]])
+    lo, up = crown_bounds(fn, x, 1.5)
+    np.testing.assert_allclose(lo, [[-0.6]], rtol=1e-6)
+    la, ua = crown_bounds(fn, x, 1.5, alpha_steps=20)
+    assert -0.1 <= float(la[0, 0]) <= 1e-6
+    np.testing.assert_allclose(ua, up, rtol=1e-6)  # the upper line is already exact
+    # zero steps is CROWN itself, bit for bit
+    l0, u0 = crown_bounds(fn, x, 1.5, alpha_steps=0)
+    np.testing.assert_array_equal(np.asarray(l0), np.asarray(lo))
+    for bad, match in [({"alpha_steps": -1}, "alpha_steps must be an int >= 0, got -1"),
+                       ({"alpha_steps": 2.0}, "alpha_steps must be an int >= 0, got 2.0"),
+                       ({"alpha_lr": 0.0}, "alpha_lr must be a finite number > 0, got 0.0")]:
+        with pytest.raises(ValueError, match=match):
+            crown_bounds(fn, x, 1.5, **bad)
+
+
+def test_alpha_crown_certifies_a_gap_no_attack_exceeds():
+    """The faithfulness gap bound by alpha-CROWN lies between the PGD lower bound and
+    CROWN's bound, on every point."""
+    from kdjax.faithful import certify, gap_upper_bound, margin_bounds, pgd_gap
+    t_fn, x = _model(MLP(4, hidden=(16, 16)), (6,), 32, 40)
+    s_fn, _ = _model(MLP(4, hidden=(8,)), (6,), 32, 41)
+    eps = 0.05
+    g = {m: gap_upper_bound(margin_bounds(t_fn, s_fn, x, eps=eps, method=m))["gap"]
+         for m in ("crown", "alpha-crown")}
+    assert bool(jnp.all(g["alpha-crown"] <= g["crown"] + TOL))
+    assert float(jnp.mean(g["alpha-crown"])) < float(jnp.mean(g["crown"]))
+    lower, _ = pgd_gap(t_fn, s_fn, x, eps=eps, steps=20, key=jax.random.key(0))
+    assert bool(jnp.all(lower <= g["alpha-crown"] + TOL))
+    out = certify(t_fn, s_fn, x, eps=eps, delta=float(jnp.median(g["crown"])),
+                  method="alpha-crown")
+    assert int(out["faithful"].sum()) >= int(jnp.sum(g["crown"] <= jnp.median(g["crown"])))
 
 
 class WithSin(nn.Module):
