@@ -247,3 +247,45 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
                     os.path.join(out_dir, "in_vs_target.png"), xlabel="in-domain (%)",
                     ylabel="target (%)", title="in-domain vs out-of-domain")
     return header, "\n".join(parts)
+
+
+def sweep_summary(rows, baseline_rows=(), title: str = "") -> str:
+    """Markdown of a shift sweep (``python -m experiments.sweep experiments.shift``): one
+    row per setting of the swept keys other than ``shift`` (e.g. ``prune.score=el2n
+    prune.keep=0.5``), one column per shift; target, in-domain and, on correlation
+    shifts, worst-group accuracy, each with paired 95% CIs against the first setting, or
+    against ``baseline_rows`` (rows of another sweep, labelled ``baseline``) when given."""
+    def label(r):
+        return " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k != "shift")
+
+    rows = [{**r, "method": label(r)} for r in rows]
+    rows += [{**r, "method": "baseline"} for r in baseline_rows]
+    settings = list(dict.fromkeys(r["method"] for r in sorted(
+        rows, key=lambda r: r["method"] != "baseline")))
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    corr = [s for s in shifts if any(r["shift"] == s and r.get(
+        "target_worst_group_accuracy") is not None for r in rows)]
+    teacher = rows[0]["teacher"]
+    parts = [f"# {title}" if title else "# Shift sweep", "",
+             f"Mean ± std over seeds {sorted({r['seed'] for r in rows})} (%), rank within "
+             f"the column in brackets; differences to `{settings[0]}` paired over seeds. "
+             f"Code {sorted({r.get('code_state', '?') for r in rows})}.", ""]
+    for metric, name, cols in [("target_accuracy", "Target accuracy", shifts),
+                               ("in_accuracy", "In-domain accuracy", shifts),
+                               ("target_worst_group_accuracy", "Target worst-group "
+                                "accuracy", corr)]:
+        if cols:
+            parts += [f"## {name}", "", table(rows, metric, settings, cols,
+                                              baseline=settings[0], teacher=teacher), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":  # python -m experiments.shift_report OUT.md SWEEP.jsonl [BASE.jsonl]
+    import sys
+
+    out, path, *base = sys.argv[1:]
+    text = sweep_summary(kx.Store(path).read(), kx.Store(base[0]).read() if base else (),
+                         title=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(text)

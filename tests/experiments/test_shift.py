@@ -368,3 +368,38 @@ def test_report_on_constructed_rows(tmp_path):
     assert "| coloured_digits | groupdro (robust pick) |" in body
     assert "x on y: skipped, z." in body
     assert (tmp_path / "target_accuracy.png").stat().st_size > 0
+
+
+def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path):
+    """Settings become rows (the swept keys but shift), shifts columns; the difference to
+    the baseline sweep's rows is paired over seeds; worst-group only where defined."""
+    rows, base = [], []
+    for s in range(3):
+        for shift, corr in (("coloured_digits", True), ("rotated_digits:75", False)):
+            for score, gain in (("random", 0.0), ("el2n", 0.02 + 0.01 * s)):
+                rows.append(_row(shift, "kd", s, 0.9, target=0.6 + gain, overrides={
+                    "shift": shift, "prune.score": score, "prune.keep": 0.5},
+                    target_worst_group_accuracy=0.2 if corr else None, code_state="abc"))
+            base.append(_row(shift, "kd", s, 0.9, target=0.6, overrides={
+                "shift": shift, "method.name": "kd"},
+                target_worst_group_accuracy=0.2 if corr else None))
+    text = SR.sweep_summary(rows, base, title="pruning")
+    target = text.split("## Target accuracy")[1].split("## In-domain")[0]
+    assert "| method | coloured_digits | rotated_digits:75 |" in target
+    line = next(ln for ln in target.splitlines()
+                if ln.startswith("| prune.score=el2n prune.keep=0.5 |") and "[" in ln)
+    assert line.count("+3.0 [+0.5, +5.5]") == 2  # 0.02 + 0.01 s: mean 3, t-interval
+    assert "differences to `baseline`" in text
+    worst = text.split("## Target worst-group accuracy")[1]
+    assert "rotated_digits:75" not in worst and "coloured_digits" in worst
+    # the CLI writes the same table from the two files
+    import subprocess
+    import sys
+    for name, rs in (("sweep.jsonl", rows), ("base.jsonl", base)):
+        Store(str(tmp_path / name)).append(rs)
+    subprocess.run([sys.executable, "-m", "experiments.shift_report", str(tmp_path / "s.md"),
+                    str(tmp_path / "sweep.jsonl"), str(tmp_path / "base.jsonl")], check=True,
+                   capture_output=True, cwd=str(__import__("pathlib").Path(__file__)
+                                                .parents[2]))
+    written = (tmp_path / "s.md").read_text()
+    assert written.split("## Target accuracy")[1] == text.split("## Target accuracy")[1] + "\n"
