@@ -189,8 +189,13 @@ def get_config(variant: str = "full"):
     c.student.epochs = 20 if quick else 40
     c.student.batch_size = 128
     c.student.evaluations = 10                   # validation/checkpoint points per run
+    # Peak learning rate chosen on the val split (held-out source data, never a target):
+    # in the optimizer sweep (experiments/configs/shift_sweeps.py, KD students of the four
+    # quick shifts, 3 seeds; docs/results/shift_sweep_optimizer.md) AdamW at 0.05 had the
+    # best mean val accuracy on every shift (92.3 / 93.8 / 96.6 / 98.3%) against 0.003
+    # (89.9 / 93.1 / 95.0 / 92.6%; SGD+momentum at 0.05: 90.8 / 93.0 / 95.7 / 97.4%).
     c.student.optimizer = ml_collections.ConfigDict(
-        {"name": "adamw", "learning_rate": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"})
+        {"name": "adamw", "learning_rate": 0.05, "weight_decay": 1e-4, "schedule": "cosine"})
     return c
 
 
