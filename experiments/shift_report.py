@@ -249,43 +249,64 @@ def report(cfg, rows, out_dir: str, notes, seconds: float) -> tuple[str, str]:
     return header, "\n".join(parts)
 
 
-def sweep_summary(rows, baseline_rows=(), title: str = "") -> str:
+def sweep_summary(rows, baseline_rows=(), title: str = "", baseline: str | None = None) -> str:
     """Markdown of a shift sweep (``python -m experiments.sweep experiments.shift``): one
     row per setting of the swept keys other than ``shift`` (e.g. ``prune.score=el2n
-    prune.keep=0.5``), one column per shift; target, in-domain and, on correlation
-    shifts, worst-group accuracy, each with paired 95% CIs against the first setting, or
-    against ``baseline_rows`` (rows of another sweep, labelled ``baseline``) when given."""
+    prune.keep=0.5``), one column per shift; target, in-domain, val and, on correlation
+    shifts, worst-group accuracy, each with paired 95% CIs against the baseline: the
+    setting named ``baseline``, else ``baseline_rows`` (rows of another run, labelled
+    ``baseline``) when given, else the first setting."""
     def label(r):
         return " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k != "shift")
 
     rows = [{**r, "method": label(r)} for r in rows]
     rows += [{**r, "method": "baseline"} for r in baseline_rows]
-    settings = list(dict.fromkeys(r["method"] for r in sorted(
-        rows, key=lambda r: r["method"] != "baseline")))
+    first = baseline or ("baseline" if baseline_rows else rows[0]["method"])
+    if not any(r["method"] == first for r in rows):
+        raise ValueError(f"baseline setting {first!r} is not in the sweep; settings: "
+                         f"{sorted({r['method'] for r in rows})}.")
+    settings = list(dict.fromkeys([first] + [r["method"] for r in rows]))
     shifts = list(dict.fromkeys(r["shift"] for r in rows))
     corr = [s for s in shifts if any(r["shift"] == s and r.get(
         "target_worst_group_accuracy") is not None for r in rows)]
     teacher = rows[0]["teacher"]
     parts = [f"# {title}" if title else "# Shift sweep", "",
              f"Mean ± std over seeds {sorted({r['seed'] for r in rows})} (%), rank within "
-             f"the column in brackets; differences to `{settings[0]}` paired over seeds. "
+             f"the column in brackets; differences to `{first}` paired over seeds. "
              f"Code {sorted({r.get('code_state', '?') for r in rows})}.", ""]
     for metric, name, cols in [("target_accuracy", "Target accuracy", shifts),
                                ("in_accuracy", "In-domain accuracy", shifts),
+                               ("val_accuracy", "Val accuracy (held-out source data: the "
+                                "split that selects)", shifts),
                                ("target_worst_group_accuracy", "Target worst-group "
                                 "accuracy", corr)]:
         if cols:
             parts += [f"## {name}", "", table(rows, metric, settings, cols,
-                                              baseline=settings[0], teacher=teacher), ""]
+                                              baseline=first, teacher=teacher), ""]
     return "\n".join(parts)
 
 
-if __name__ == "__main__":  # python -m experiments.shift_report OUT.md SWEEP.jsonl [BASE.jsonl]
-    import sys
+def _main(argv=None):
+    import argparse
 
-    out, path, *base = sys.argv[1:]
-    text = sweep_summary(kx.Store(path).read(), kx.Store(base[0]).read() if base else (),
-                         title=os.path.basename(os.path.dirname(os.path.abspath(path))))
-    with open(out, "w") as f:
+    p = argparse.ArgumentParser(prog="python -m experiments.shift_report",
+                                description=sweep_summary.__doc__)
+    p.add_argument("out", help="Markdown file to write")
+    p.add_argument("sweep", help="sweep.jsonl of the sweep")
+    p.add_argument("--base-file", help="rows of another run as the baseline")
+    p.add_argument("--base-method", help="keep only these rows of --base-file (method)")
+    p.add_argument("--baseline", help="a setting of the sweep as the baseline")
+    p.add_argument("--title", default="")
+    a = p.parse_args(argv)
+    base = kx.Store(a.base_file).read() if a.base_file else []
+    base = [r for r in base if a.base_method in (None, r["method"]) and r["teacher"] == "erm"]
+    text = sweep_summary(kx.Store(a.sweep).read(), base, baseline=a.baseline,
+                         title=a.title or os.path.basename(os.path.dirname(
+                             os.path.abspath(a.sweep))))
+    with open(a.out, "w") as f:
         f.write(text + "\n")
     print(text)
+
+
+if __name__ == "__main__":
+    _main()

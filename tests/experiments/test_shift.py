@@ -398,8 +398,16 @@ def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path)
     for name, rs in (("sweep.jsonl", rows), ("base.jsonl", base)):
         Store(str(tmp_path / name)).append(rs)
     subprocess.run([sys.executable, "-m", "experiments.shift_report", str(tmp_path / "s.md"),
-                    str(tmp_path / "sweep.jsonl"), str(tmp_path / "base.jsonl")], check=True,
+                    str(tmp_path / "sweep.jsonl"), "--base-file", str(tmp_path / "base.jsonl"),
+                    "--base-method", "kd"], check=True,
                    capture_output=True, cwd=str(__import__("pathlib").Path(__file__)
                                                 .parents[2]))
     written = (tmp_path / "s.md").read_text()
     assert written.split("## Target accuracy")[1] == text.split("## Target accuracy")[1] + "\n"
+    # a setting of the sweep as the baseline; an unknown one is refused with the list
+    own = SR.sweep_summary(rows, baseline="prune.score=random prune.keep=0.5")
+    assert "differences to `prune.score=random prune.keep=0.5`" in own
+    assert own.count("+3.0 [+0.5, +5.5]") == 2
+    with pytest.raises(ValueError, match=r"baseline setting 'x' is not in the sweep; "
+                                         r"settings: \['prune.score=el2n"):
+        SR.sweep_summary(rows, baseline="x")
