@@ -1050,7 +1050,8 @@ def _optimised_slopes(g: _Graph, target: int, spec, lows, highs, xl, xu, cache, 
 
 def _per_example(g: _Graph, lo, hi, spec, method: str, alpha=(0, 0.5)):
     """Bounds for one example (box ``lo``, ``hi`` of shape ``(1, ...)``); ``spec`` ``[S, K]``
-    or None; ``alpha``: ``(steps, lr)`` of the optimised ReLU slopes (0 steps: CROWN-Ada). Non-finite intermediate bounds (a domain violation, an overflow) give
+    or None; ``alpha``: ``(steps, lr)`` of the optimised ReLU slopes (0 steps:
+    CROWN-Ada). Non-finite intermediate bounds (a domain violation, an overflow) give
     ``(-inf, inf)``: no claim."""
     out = g.output
     if isinstance(out, _C):

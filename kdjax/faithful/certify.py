@@ -157,7 +157,7 @@ def gap_upper_bound(bounds: MarginBounds) -> dict[str, chex.Array]:
     r"""Certified upper bounds on the confidence gaps over the ball, from margin bounds.
 
     With ``[L^T, U^T]``, ``[L^S, U^S]`` the bounds on ``p^T_y``, ``p^S_y``
-    (:func:`probability_bounds`), the separate-network bound of METHODS.md is
+    (:func:`probability_bounds`), the separate-network bound of docs/METHODS.md is
     ``sup (p^S_y - p^T_y) <= U^S - L^T`` and ``sup (p^T_y - p^S_y) <= U^T - L^S``.
     kdjax adds a joint bound from the cross-margin bounds
     ``dl_j <= (z^S_y - z^S_j) - (z^T_y - z^T_j) <= du_j``: along the segment from the
@@ -309,7 +309,7 @@ def faithful_penalty(teacher_fn: Callable, student_fn: Callable, x: chex.Array, 
     ``"crown-ibp"``, differentiable), ``lambda = adversarial_weight``,
     ``mu = certified_weight``. The teacher is wrapped in ``stop_gradient``. Ramp ``eps``
     with :func:`eps_ramp` for the certified term. kdjax's formulation of the paper's
-    faithful distillation (METHODS.md section 5).
+    faithful distillation (docs/METHODS.md section 5).
 
     Examples:
       >>> import jax, jax.numpy as jnp

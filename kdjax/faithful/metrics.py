@@ -1,7 +1,7 @@
 r"""Faithful KD metrics at points: teacher-student confidence gaps, label disagreement,
 relative calibration.
 
-kdjax's formalism of "faithful" distillation (METHODS.md section 5, after arXiv
+kdjax's formalism of "faithful" distillation (docs/METHODS.md section 5, after arXiv
 2306.04431; the definitions are kdjax's): ``y = argmax z^T(x)`` is the teacher's label at
 the clean point, ``p = softmax(z)``, the confidence gap is ``|p^S_y - p^T_y|`` (signed:
 ``over`` = ``p^S_y - p^T_y``, ``under`` = ``p^T_y - p^S_y``) and the disagreement margin

@@ -105,7 +105,7 @@ def similarity_preserving(student: chex.Array, teacher: chex.Array, *,
     ``L = sum_ij w_i w_j (G^S_ij - G^T_ij)^2 / (sum_i w_i)^2``.
 
     (paper eq. (3)-(4)); rows L2-normalised as in the paper and RepDistiller
-    (torchdistill normalises by the L1 norm, see METHODS.md). Reference weight 3000.
+    (torchdistill normalises by the L1 norm, see docs/METHODS.md). Reference weight 3000.
     Batch-level (see the module docstring for data-parallel semantics). Student and
     teacher feature sizes may differ.
 

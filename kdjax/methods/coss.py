@@ -1,4 +1,4 @@
-"""Registry entries for unsupervised embedding distillation (METHODS.md section 3).
+"""Registry entries for unsupervised embedding distillation (docs/METHODS.md section 3).
 
 ``coss`` (CoSS, arXiv 2409.13939), ``cosine`` (its per-sample term alone) and ``seed``
 (SEED, ICLR 2021, as the CoSS baseline). None reads labels (``needs_labels=False``).

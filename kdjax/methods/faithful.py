@@ -1,4 +1,4 @@
-r"""Registry entries for faithful KD (METHODS.md section 5, after arXiv 2306.04431).
+r"""Registry entries for faithful KD (docs/METHODS.md section 5, after arXiv 2306.04431).
 
 Three loss terms that evaluate the networks away from the training inputs, so they are
 registered with ``needs_models=True`` and read ``models=(student_fn, teacher_fn)`` from

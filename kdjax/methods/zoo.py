@@ -1,4 +1,4 @@
-"""Registry entries for the classic KD zoo (METHODS.md section 1).
+"""Registry entries for the classic KD zoo (docs/METHODS.md section 1).
 
 Each method wraps a pure loss of :mod:`kdjax.losses` for the training engine: it picks
 features by name from ``(logits, features)`` outputs, applies its adapters
@@ -359,6 +359,6 @@ register(Method("fsp", stateless(_fsp),
                 default_weight=50.0, pretrain_loss=stateless(_fsp),
                 doc="flow of solution procedure matrices between consecutive layers"))
 
-#: The methods this module registers (the classic zoo, METHODS.md section 1).
+#: The methods this module registers (the classic zoo, docs/METHODS.md section 1).
 NAMES = ("dkd", "kd_ls", "dist", "fitnet", "at", "nst", "sp", "cc", "vid", "rkd", "pkt",
          "crd", "ab", "ft", "fsp")
