@@ -254,13 +254,14 @@ def sweep_summary(rows, baseline_rows=(), title: str = "", baseline: str | None 
     row per setting of the swept keys other than ``shift`` (e.g. ``prune.score=el2n
     prune.keep=0.5``), one column per shift; target, in-domain, val and, on correlation
     shifts, worst-group accuracy, each with paired 95% CIs against the baseline: the
-    setting named ``baseline``, else ``baseline_rows`` (rows of another run, labelled
-    ``baseline``) when given, else the first setting."""
+    setting named ``baseline``, else ``baseline_rows`` (rows of another run on the swept
+    shifts, labelled ``baseline``) when given, else the first setting."""
     def label(r):
         return " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k != "shift")
 
+    swept = {r["shift"] for r in rows}
     rows = [{**r, "method": label(r)} for r in rows]
-    rows += [{**r, "method": "baseline"} for r in baseline_rows]
+    rows += [{**r, "method": "baseline"} for r in baseline_rows if r["shift"] in swept]
     first = baseline or ("baseline" if baseline_rows else rows[0]["method"])
     if not any(r["method"] == first for r in rows):
         raise ValueError(f"baseline setting {first!r} is not in the sweep; settings: "

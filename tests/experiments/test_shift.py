@@ -383,7 +383,9 @@ def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path)
             base.append(_row(shift, "kd", s, 0.9, target=0.6, overrides={
                 "shift": shift, "method.name": "kd"},
                 target_worst_group_accuracy=0.2 if corr else None))
-    text = SR.sweep_summary(rows, base, title="pruning")
+    other = _row("elsewhere", "kd", 0, 0.9, overrides={"shift": "elsewhere"})
+    text = SR.sweep_summary(rows, base + [other], title="pruning")
+    assert "elsewhere" not in text  # baseline rows of shifts the sweep did not run
     target = text.split("## Target accuracy")[1].split("## In-domain")[0]
     assert "| method | coloured_digits | rotated_digits:75 |" in target
     line = next(ln for ln in target.splitlines()
