@@ -259,6 +259,8 @@ def sweep_summary(rows, baseline_rows=(), title: str = "", baseline: str | None 
     def label(r):
         return " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k != "shift")
 
+    if not rows:
+        raise ValueError("sweep_summary: the sweep has no rows.")
     swept = {r["shift"] for r in rows}
     rows = [{**r, "method": label(r)} for r in rows]
     rows += [{**r, "method": "baseline"} for r in baseline_rows if r["shift"] in swept]

@@ -138,9 +138,11 @@ def validate(c):
         raise ValueError(f"config.eval.num_points must be >= 1 and config.eval.crown_points "
                          f"in [0, num_points], got {c.eval.num_points} and "
                          f"{c.eval.crown_points}.")
-    if c.eval.crown_method not in ("crown", "alpha-crown", "crown-ibp"):
-        raise ValueError(f"config.eval.crown_method must be 'crown', 'alpha-crown' or "
-                         f"'crown-ibp', got {c.eval.crown_method!r}.")
+    from kdjax.faithful.certify import CROWN_METHODS
+
+    if c.eval.crown_method not in CROWN_METHODS:
+        raise ValueError(f"config.eval.crown_method must be one of {list(CROWN_METHODS)}, "
+                         f"got {c.eval.crown_method!r}.")
     if not c.eval.eps or any(e <= 0 for e in c.eval.eps):
         raise ValueError(f"config.eval.eps must be a non-empty list of radii > 0, got "
                          f"{c.eval.eps}.")

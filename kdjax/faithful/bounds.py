@@ -1036,15 +1036,20 @@ def _optimised_slopes(g: _Graph, target: int, spec, lows, highs, xl, xu, cache, 
     alphas = [jnp.broadcast_to(cache[i][0], (2 * s,) + cache[i][0].shape) for i in relus]
     best = jnp.concatenate([init[0], -init[1]])
 
-    def step(carry, _):
+    def objective(alphas):  # (sum of the rows' bounds, the rows)
+        rows = bound(alphas)
+        return jnp.sum(rows), rows
+
+    def step(carry, _):  # one backward pass: the bound of the iterate and its gradient
         alphas, opt, best = carry
-        value, grad = jax.value_and_grad(lambda a: jnp.sum(bound(a)))(alphas)
-        del value
+        grad, rows = jax.grad(objective, has_aux=True)(alphas)
         updates, opt = tx.update([-gr for gr in grad], opt, alphas)
         alphas = [jnp.clip(a, 0.0, 1.0) for a in optax.apply_updates(alphas, updates)]
-        return (alphas, opt, jnp.maximum(best, bound(alphas))), None
+        return (alphas, opt, jnp.maximum(best, rows)), None
 
-    (_, _, best), _ = lax.scan(step, (alphas, tx.init(alphas), best), None, length=steps)
+    (alphas, _, best), _ = lax.scan(step, (alphas, tx.init(alphas), best), None,
+                                    length=steps)
+    best = jnp.maximum(best, bound(alphas))  # the last iterate
     return best[:s] + 0.0, 0.0 - best[s:]
 
 

@@ -27,6 +27,7 @@ from kdjax.losses._utils import reduce_per_example
 
 __all__ = [
     "BOUND_METHODS",
+    "CROWN_METHODS",
     "bounds_by_method",
     "MarginBounds",
     "margin_bounds",
@@ -69,6 +70,8 @@ def _margin_specs(labels, k):
 
 #: The bound methods of :func:`bounds_by_method` (and of margin_bounds, certify, ...).
 BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+#: The linear-relaxation methods among them (everything but IBP).
+CROWN_METHODS = BOUND_METHODS[1:]
 #: alpha-CROWN's optimisation steps here (auto_LiRPA's default iteration count).
 ALPHA_STEPS = 20
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from kdjax._checks import check_choice
 from kdjax.faithful.attacks import pgd_gap
-from kdjax.faithful.certify import certified_agreement, gap_upper_bound, margin_bounds
+from kdjax.faithful.certify import (CROWN_METHODS, certified_agreement, gap_upper_bound,
+                                    margin_bounds)
 
 __all__ = ["teacher_correct_points", "gap_evaluator", "faithfulness_report", "report_at",
            "flatten_report"]
@@ -69,7 +70,7 @@ def gap_evaluator(teacher_fn: Callable, student_fn: Callable, *, steps: int = 20
     compilation. ``crown_method``: ``"crown"``, ``"alpha-crown"`` (optimised ReLU slopes,
     never looser than CROWN) or ``"crown-ibp"``.
     """
-    check_choice(crown_method, "crown_method", ("crown", "alpha-crown", "crown-ibp"))
+    check_choice(crown_method, "crown_method", CROWN_METHODS)
     if isinstance(crown_points, bool) or not isinstance(crown_points, int) or crown_points < 0:
         raise ValueError(f"crown_points must be an int >= 0, got {crown_points!r}.")
     t_fn = lambda x: teacher_fn(x).astype(jnp.float32)  # noqa: E731

@@ -24,6 +24,8 @@ split by domain, which a module does not see.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,9 +40,11 @@ def mix_statistics(x, lam, perm, eps: float = 1e-6):
         raise ValueError(f"mix_statistics: x must be [B, *spatial, C] with at least one "
                          f"spatial axis, got shape {x.shape}.")
     axes = tuple(range(1, x.ndim - 1))
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
+    n = math.prod(x.shape[a] for a in axes)
+    for name, v in (("lam", lam), ("perm", perm)):
+        if jnp.shape(v) != x.shape[:1]:
+            raise ValueError(f"mix_statistics: {name} must have shape ({x.shape[0]},) (one "
+                             f"per example of x {x.shape}), got {jnp.shape(v)}.")
     if n < 2:
         raise ValueError(f"mix_statistics: the spatial axes of x must hold at least 2 "
                          f"positions for a variance, got shape {x.shape}.")

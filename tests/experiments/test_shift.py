@@ -395,6 +395,7 @@ def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path)
     worst = text.split("## Target worst-group accuracy")[1]
     assert "rotated_digits:75" not in worst and "coloured_digits" in worst
     # the CLI writes the same table from the two files
+    import pathlib
     import subprocess
     import sys
     for name, rs in (("sweep.jsonl", rows), ("base.jsonl", base)):
@@ -402,8 +403,7 @@ def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path)
     subprocess.run([sys.executable, "-m", "experiments.shift_report", str(tmp_path / "s.md"),
                     str(tmp_path / "sweep.jsonl"), "--base-file", str(tmp_path / "base.jsonl"),
                     "--base-method", "kd"], check=True,
-                   capture_output=True, cwd=str(__import__("pathlib").Path(__file__)
-                                                .parents[2]))
+                   capture_output=True, cwd=str(pathlib.Path(__file__).parents[2]))
     written = (tmp_path / "s.md").read_text()
     assert written.split("## Target accuracy")[1] == text.split("## Target accuracy")[1] + "\n"
     # a setting of the sweep as the baseline; an unknown one is refused with the list
@@ -413,3 +413,5 @@ def test_sweep_summary_rows_per_setting_and_paired_cis_to_the_baseline(tmp_path)
     with pytest.raises(ValueError, match=r"baseline setting 'x' is not in the sweep; "
                                          r"settings: \['prune.score=el2n"):
         SR.sweep_summary(rows, baseline="x")
+    with pytest.raises(ValueError, match="the sweep has no rows"):
+        SR.sweep_summary([])

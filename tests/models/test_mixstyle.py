@@ -108,6 +108,10 @@ def test_module_rejects_bad_options(bad, match):
                               rngs={"dropout": jax.random.PRNGKey(0)})
     with pytest.raises(ValueError, match=r"at least one spatial axis, got shape \(2, 3\)"):
         mix_statistics(jnp.ones((2, 3)), jnp.ones(2), jnp.arange(2))
+    with pytest.raises(ValueError, match=r"lam must have shape \(2,\).*got \(3,\)"):
+        mix_statistics(jnp.ones((2, 3, 1)), jnp.ones(3), jnp.arange(2))
+    with pytest.raises(ValueError, match=r"perm must have shape \(2,\).*got \(2, 1\)"):
+        mix_statistics(jnp.ones((2, 3, 1)), jnp.ones(2), jnp.zeros((2, 1), int))
 
 
 def test_cnn_mixstyle_option_and_engine_training():
